@@ -1,0 +1,88 @@
+"""Streamed statistics of a linear layer's input X (rows = tokens, columns = K channels).
+
+Accumulated window by window so memory is O(K²) per tapped value, whatever the amount of text:
+    xtx    = Σ_t x_tᵀ x_t          (float64, [K, K]; the GPTQ Hessian / SVD-LLM whitening Gram)
+    absmax = max_t |x_t|           (per channel)
+    mean   = Σ_t x_t / count       (per channel, float64)
+    samples: at most `max_samples` rows kept by seeded reservoir sampling (optional).
+
+When a pass replaces X by X' = X · A (A invertible, e.g. an affine transform folded upstream) the
+Gram matrix transforms exactly: X'ᵀX' = Aᵀ (XᵀX) A, which `transformed` applies without
+re-running calibration. absmax is not linear and is re-derived from the samples when present.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class InputStats:
+    K: int
+    count: int = 0
+    xtx: np.ndarray = None  # float64 [K, K]
+    sum: np.ndarray = None  # float64 [K]
+    absmax: np.ndarray = None  # float32 [K]
+    max_samples: int = 0
+    samples: np.ndarray | None = None  # float32 [<= max_samples, K]
+    _seen: int = 0
+    _rng: np.random.Generator = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.xtx is None:
+            self.xtx = np.zeros((self.K, self.K), np.float64)
+        if self.sum is None:
+            self.sum = np.zeros(self.K, np.float64)
+        if self.absmax is None:
+            self.absmax = np.zeros(self.K, np.float32)
+        if self._rng is None:
+            self._rng = np.random.default_rng(0)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def nbytes(self) -> int:
+        n = self.xtx.nbytes + self.sum.nbytes + self.absmax.nbytes
+        return n + self.max_samples * self.K * 4
+
+    def update(self, x: np.ndarray) -> None:
+        """Add rows x [..., K] (float32) to the statistics."""
+        x = np.asarray(x, np.float32).reshape(-1, self.K)
+        x64 = x.astype(np.float64)
+        self.xtx += x64.T @ x64
+        self.sum += x64.sum(0)
+        if len(x):
+            np.maximum(self.absmax, np.abs(x).max(0), out=self.absmax)
+        self.count += len(x)
+        if self.max_samples:
+            self._reservoir(x)
+
+    def _reservoir(self, x: np.ndarray) -> None:
+        if self.samples is None:
+            self.samples = np.empty((0, self.K), np.float32)
+        for row in x:  # rows arrive in windows of a few hundred: a Python loop is fine
+            if len(self.samples) < self.max_samples:
+                self.samples = np.vstack([self.samples, row[None]])
+            else:
+                j = int(self._rng.integers(0, self._seen + 1))
+                if j < self.max_samples:
+                    self.samples[j] = row
+            self._seen += 1
+
+    def transformed(self, A: np.ndarray) -> "InputStats":
+        """Statistics of X · A, exact for xtx/sum/samples; absmax from samples if any, else bound."""
+        A = np.asarray(A, np.float64)
+        out = InputStats(K=A.shape[1], count=self.count, max_samples=self.max_samples)
+        out.xtx = A.T @ self.xtx @ A
+        out.sum = self.sum @ A
+        if self.samples is not None:
+            out.samples = (self.samples.astype(np.float64) @ A).astype(np.float32)
+            out.absmax = np.abs(out.samples).max(0).astype(np.float32)
+        else:
+            # |Σ_k x_k A_kj| ≤ Σ_k absmax_k |A_kj|: an upper bound, flagged by callers if they care
+            out.absmax = (self.absmax.astype(np.float64) @ np.abs(A)).astype(np.float32)
+        return out

@@ -1,0 +1,24 @@
+"""llmfold's graph transformations, one module per method; importing this package registers them.
+
+    cleanup      constant folding and dead-code removal (onnx_ir's own passes)
+    int4         linear layers → QMatMul with 4-bit weights (RTN / clipping search / GPTQ), A16/A8/A4
+    svd          SVD-LLM whitened low-rank pairs
+    affine       AffineQuant learned affine transforms folded into the weights
+    rotate       residual-stream randomized Hadamard rotation
+    token_prune  Agile-Quant token pruning in the prefill
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from passes.base import REGISTRY, CompilerPass, make_params, register_pass
+
+for _module in ("cleanup", "int4", "svd", "affine", "rotate", "token_prune"):
+    try:
+        importlib.import_module(f"passes.{_module}")
+    except ModuleNotFoundError as e:  # a method not written yet is simply not registered
+        if e.name != f"passes.{_module}":
+            raise
+
+__all__ = ["REGISTRY", "CompilerPass", "make_params", "register_pass"]

@@ -1,0 +1,110 @@
+"""The pass API every llmfold transformation builds on.
+
+A pass is one small class on top of onnx_ir's pass API (`requires` → `call` → `ensures`):
+
+    @register_pass
+    class Int4Pass(CompilerPass):
+        name = "int4"                      # the key recipes use: [[pass]] name = "int4"
+        Params = Int4Params                # a dataclass: recipe keys, types, defaults
+        def call(self, model): ...         # rewrite model in place, return PassResult
+
+Parameters are a dataclass; the recipe loader rejects unknown keys and wrong types before any
+work, then calls `Params.validate()` for value checks (raise UserError there).
+
+A pass reads the model's structure with `self.ctx.structure(model)` and calibration statistics
+of linear-layer inputs with `self.ctx.input_stats(model, [value names])`. When it changes a
+layer's input exactly (X' = X·A) it hands the derived statistics on with `ctx.set_stats`;
+otherwise it calls `ctx.invalidate_stats` and later passes get them re-collected on the
+transformed graph. `ctx.record(...)` adds what the pass did to llmfold.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+
+from compiler.errors import UserError
+
+if typing.TYPE_CHECKING:
+    from compiler.driver import CompileContext
+
+REGISTRY: dict[str, type["CompilerPass"]] = {}
+
+
+@dataclasses.dataclass
+class NoParams:
+    def validate(self) -> None:
+        pass
+
+
+class CompilerPass(ir.passes.InPlacePass):
+    name: ClassVar[str]
+    Params: ClassVar[type] = NoParams
+    description: ClassVar[str] = ""
+
+    def __init__(self, ctx: "CompileContext", params: Any = None):
+        super().__init__()
+        self.ctx = ctx
+        self.params = params if params is not None else self.Params()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def register_pass(cls: type[CompilerPass]) -> type[CompilerPass]:
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise RuntimeError(f"two passes are named {cls.name!r}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def _check_type(value: Any, annotation: Any) -> bool:
+    """Is a TOML value acceptable for a Params field annotation (str annotations allowed)?"""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing) | {"ir": ir})  # noqa: S307 - our own source
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_check_type(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is Any:
+        return True
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(annotation)[:1] or (Any,)
+        return isinstance(value, list) and all(_check_type(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def make_params(pass_cls: type[CompilerPass], raw: dict[str, Any], where: str) -> Any:
+    """Build and validate a pass's Params from a recipe table; UserError on any problem."""
+    fields = {f.name: f for f in dataclasses.fields(pass_cls.Params)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise UserError(
+            f"{where}: unknown parameter(s) {', '.join(unknown)} for pass '{pass_cls.name}'; "
+            f"allowed: {', '.join(sorted(fields)) or '(none)'}"
+        )
+    for key, value in raw.items():
+        if not _check_type(value, fields[key].type):
+            raise UserError(
+                f"{where}: parameter '{key}' of pass '{pass_cls.name}' must be "
+                f"{fields[key].type}, got {value!r}"
+            )
+    raw = {k: float(v) if fields[k].type in (float, "float") else v for k, v in raw.items()}
+    params = pass_cls.Params(**raw)
+    try:
+        params.validate()
+    except UserError as e:
+        raise UserError(f"{where}: {e.message}") from None
+    return params
