@@ -209,10 +209,11 @@ def compile_model(
     progress: bool = True,
 ) -> Path:
     """Compile a model directory with a recipe; returns the output directory."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)  # validated first
+
     from compiler.modeldir import open_model_dir, save_model_dir
     from passes import REGISTRY
 
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     src = open_model_dir(in_dir)
     _check_output_dir(in_dir, out_dir)
@@ -245,15 +246,15 @@ def compile_model(
             model.opset_imports[CUSTOM_DOMAIN] = 1
         meta = dict(src.meta)
         meta["structure"] = structure.to_json()
+        # no timings in llmfold.json: the same inputs and seed must give byte-identical files
         meta["passes"] = list(src.meta.get("passes", [])) + [
             {
                 "name": spec.name,
                 "params": spec.raw,
-                "seconds": round(t, 3),
                 "modified": modified,
                 "records": [r for r in ctx.records if r["pass"] == spec.name],
             }
-            for spec, (_, t, modified) in zip(recipe.passes, timings)
+            for spec, (_, _t, modified) in zip(recipe.passes, timings)
         ]
         meta["recipe"] = recipe.to_json() | {"seed": seed, "calibration_text": str(calib) if calib else None}
         meta["custom_ops_library"] = "libllmfold_ops.so" if _uses_custom_ops(model) else None
