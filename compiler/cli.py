@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--speed", action="store_true", help="also measure prefill and decode tokens/s")
     s.add_argument("--threads", type=_positive_int)
     s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument(
+        "--continuation",
+        action="store_true",
+        help="token-pruned models: prefill 512 tokens, score the next 64 through the KV cache",
+    )
+    s.add_argument("--reference", metavar="DIR", help="with --continuation: the same model unpruned")
     s.set_defaults(func=_cmd_eval)
 
     s = sub.add_parser("generate", help="greedy generation with the KV cache, streaming text")

@@ -235,7 +235,13 @@ def compile_model(
             p = REGISTRY[spec.name](ctx, spec.params)
             ctx.current_pass = spec.name
             t0 = time.perf_counter()
-            result = p(model)
+            try:
+                result = p(model)
+            except (ir.passes.PreconditionError, ir.passes.PostconditionError) as e:
+                # onnx_ir wraps whatever requires()/ensures() raise; a UserError stays one line
+                if isinstance(e.__cause__, UserError):
+                    raise e.__cause__ from None
+                raise
             model = result.model
             ctx.invalidate_structure()
             timings.append((spec.name, time.perf_counter() - t0, result.modified))

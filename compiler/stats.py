@@ -28,6 +28,7 @@ class InputStats:
     max_samples: int = 0
     samples: np.ndarray | None = None  # float32 [<= max_samples, K]
     _seen: int = 0
+    _buffer: np.ndarray | None = field(default=None, repr=False)
     _rng: np.random.Generator = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -62,16 +63,21 @@ class InputStats:
             self._reservoir(x)
 
     def _reservoir(self, x: np.ndarray) -> None:
-        if self.samples is None:
-            self.samples = np.empty((0, self.K), np.float32)
-        for row in x:  # rows arrive in windows of a few hundred: a Python loop is fine
-            if len(self.samples) < self.max_samples:
-                self.samples = np.vstack([self.samples, row[None]])
-            else:
-                j = int(self._rng.integers(0, self._seen + 1))
-                if j < self.max_samples:
-                    self.samples[j] = row
-            self._seen += 1
+        """Algorithm R (uniform reservoir), with the per-row draws made in one vectorized call."""
+        if self._buffer is None:
+            self._buffer = np.empty((self.max_samples, self.K), np.float32)
+        filled = min(self._seen, self.max_samples)
+        take = min(self.max_samples - filled, len(x))
+        self._buffer[filled : filled + take] = x[:take]
+        rest = x[take:]
+        if len(rest):
+            # row i of `rest` is stream item s = seen + take + i; it replaces slot j ~ U[0, s]
+            stream_index = self._seen + take + np.arange(len(rest))
+            slots = (self._rng.random(len(rest)) * (stream_index + 1)).astype(np.int64)
+            for row, slot in zip(rest[slots < self.max_samples], slots[slots < self.max_samples]):
+                self._buffer[slot] = row  # in order: a later row may replace an earlier one
+        self._seen += len(x)
+        self.samples = self._buffer[: min(self._seen, self.max_samples)]
 
     def transformed(self, A: np.ndarray) -> "InputStats":
         """Statistics of X · A, exact for xtx/sum/samples; absmax from samples if any, else bound."""

@@ -1,0 +1,466 @@
+"""Python side of llmfold's custom operators (domain ``llmfold``, version 1).
+
+- where the built C++ library is (:func:`library_path`) and ORT session options that load it;
+- ONNX schemas with type/shape inference so ``onnx.checker`` and ``onnx.shape_inference`` accept
+  models using ``QMatMul`` and ``TokenPrune`` (:func:`register_schemas`);
+- the packed INT4 weight layout (:func:`pack_int4_blocks` / :func:`unpack_int4_blocks`), written at
+  compile time exactly as the kernels read it (see custom_ops/kernels/kernels.h and
+  custom_ops/README.md);
+- numpy reference implementations the C++ ops are tested against.
+
+numpy and onnx only (no torch), so the runtime side stays light.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+DOMAIN = "llmfold"
+OPSET_VERSION = 1
+TILE_N = 16  # output columns per packed tile
+GROUP_K = 8  # k values per 64-byte packed group
+LIB_ENV = "LLMFOLD_OPS_LIB"
+LIB_NAME = "libllmfold_ops.so"
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------
+# The library
+
+
+def library_path() -> Path:
+    """Path of the built ``libllmfold_ops.so``: ``$LLMFOLD_OPS_LIB`` or ``<repo>/build/custom_ops``."""
+    env = os.environ.get(LIB_ENV)
+    if env:
+        p = Path(env)
+        if not p.is_file():
+            raise FileNotFoundError(f"{LIB_ENV}={env} does not name a file; unset it or point it at {LIB_NAME}")
+        return p
+    p = _REPO / "build" / "custom_ops" / LIB_NAME
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"llmfold custom op library not found at {p}; build it with `make setup` (or set {LIB_ENV})"
+        )
+    return p
+
+
+def make_session_options(threads: int | None = None):
+    """``onnxruntime.SessionOptions`` with the llmfold op library registered.
+
+    ``threads`` sets intra-op threads (ORT's pool, which the ops use through ParallelFor)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(library_path()))
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    return so
+
+
+# --------------------------------------------------------------------------------------------
+# Packed INT4 layout
+
+
+def _layout_dims(K: int, N: int, block_size: int) -> tuple[int, int, int, int]:
+    if block_size < 16 or block_size > 256 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two in [16, 256], got {block_size}")
+    if K < 1 or N < 1:
+        raise ValueError(f"K and N must be positive, got K={K} N={N}")
+    n_blocks = -(-K // block_size)
+    n_tiles = -(-N // TILE_N)
+    return n_blocks, n_tiles, n_blocks * block_size, n_tiles * TILE_N
+
+
+def packed_sizes(K: int, N: int, block_size: int) -> dict:
+    """Element counts of the packed tensors for a K x N weight."""
+    n_blocks, n_tiles, Kp, _ = _layout_dims(K, N, block_size)
+    return dict(data=n_tiles * (Kp // GROUP_K) * 64, scales=n_tiles * n_blocks * TILE_N,
+                zero_points=n_tiles * n_blocks * TILE_N, n_blocks=n_blocks, n_tiles=n_tiles, Kp=Kp)
+
+
+def pack_int4_blocks(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, block_size: int) -> dict:
+    """Packs 4-bit codes into the kernel layout.
+
+    q: uint8 [K, N] in 0..15; scales: float32 [n_blocks, N]; zero_points: uint8 [n_blocks, N] in
+    0..15 or None (symmetric: 8). W[k, n] = scales[k // bs, n] * (q[k, n] - zp[k // bs, n]).
+    Returns dict(data=uint8 [n_tiles*Kp/8*64], scales=float32 [n_tiles*n_blocks*16],
+    zero_points=uint8 [...] or None) -- flat arrays, the QMatMul inputs B, scales, zero_points.
+    """
+    q = np.asarray(q)
+    if q.ndim != 2:
+        raise ValueError(f"q must be [K, N], got shape {q.shape}")
+    K, N = q.shape
+    n_blocks, n_tiles, Kp, Np = _layout_dims(K, N, block_size)
+    if q.size and (q.min() < 0 or q.max() > 15):
+        raise ValueError("q values must be in [0, 15]")
+    scales = np.asarray(scales, dtype=np.float32)
+    if scales.shape != (n_blocks, N):
+        raise ValueError(f"scales must be [n_blocks={n_blocks}, N={N}], got {scales.shape}")
+    zp = None
+    if zero_points is not None:
+        zp = np.asarray(zero_points)
+        if zp.shape != (n_blocks, N):
+            raise ValueError(f"zero_points must be [n_blocks={n_blocks}, N={N}], got {zp.shape}")
+        if zp.size and (zp.min() < 0 or zp.max() > 15):
+            raise ValueError("zero_points values must be in [0, 15]")
+        zp = zp.astype(np.uint8)
+    zfull = zp if zp is not None else np.full((n_blocks, N), 8, np.uint8)
+    # Padded k rows hold the block's zero point (dequantize to 0); padded columns hold 8, scale 0.
+    Q = np.full((Kp, Np), 8, np.uint8)
+    Q[:Kp, :N] = np.repeat(zfull, block_size, axis=0)
+    Q[:K, :N] = q.astype(np.uint8)
+    # [g, half, j, t, c] -> byte[t, g, 4c + j] = lo | hi << 4
+    Q5 = Q.reshape(Kp // GROUP_K, 2, 4, n_tiles, TILE_N)
+    byte = Q5[:, 0] | (Q5[:, 1] << 4)  # [g, j, t, c]
+    data = np.ascontiguousarray(byte.transpose(2, 0, 3, 1)).reshape(-1)
+    S = np.zeros((n_blocks, Np), np.float32)
+    S[:, :N] = scales
+    out = dict(data=data.astype(np.uint8), scales=np.ascontiguousarray(S.reshape(n_blocks, n_tiles, TILE_N).transpose(1, 0, 2)).reshape(-1),
+               zero_points=None)
+    if zp is not None:
+        Z = np.full((n_blocks, Np), 8, np.uint8)
+        Z[:, :N] = zp
+        out["zero_points"] = np.ascontiguousarray(Z.reshape(n_blocks, n_tiles, TILE_N).transpose(1, 0, 2)).reshape(-1)
+    return out
+
+
+def unpack_int4_blocks(data: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, K: int, N: int,
+                       block_size: int) -> dict:
+    """Exact inverse of :func:`pack_int4_blocks`: dict(q [K,N] uint8, scales [n_blocks,N] float32,
+    zero_points [n_blocks,N] uint8 or None)."""
+    sz = packed_sizes(K, N, block_size)
+    n_blocks, n_tiles, Kp = sz["n_blocks"], sz["n_tiles"], sz["Kp"]
+    data = np.asarray(data, dtype=np.uint8).reshape(-1)
+    scales = np.asarray(scales, dtype=np.float32).reshape(-1)
+    if data.size != sz["data"] or scales.size != sz["scales"]:
+        raise ValueError(f"packed sizes {data.size}/{scales.size} do not match K={K} N={N} block_size={block_size} "
+                         f"(need {sz['data']}/{sz['scales']})")
+    byte = data.reshape(n_tiles, Kp // GROUP_K, TILE_N, 4).transpose(1, 3, 0, 2)  # [g, j, t, c]
+    Q5 = np.stack([byte & 15, byte >> 4], axis=1)  # [g, half, j, t, c]
+    Q = Q5.reshape(Kp, n_tiles * TILE_N)
+    S = scales.reshape(n_tiles, n_blocks, TILE_N).transpose(1, 0, 2).reshape(n_blocks, -1)
+    out = dict(q=np.ascontiguousarray(Q[:K, :N]), scales=np.ascontiguousarray(S[:, :N]), zero_points=None)
+    if zero_points is not None:
+        Z = np.asarray(zero_points, dtype=np.uint8).reshape(n_tiles, n_blocks, TILE_N).transpose(1, 0, 2)
+        out["zero_points"] = np.ascontiguousarray(Z.reshape(n_blocks, -1)[:, :N])
+    return out
+
+
+def dequantize_int4(data: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, K: int, N: int,
+                    block_size: int) -> np.ndarray:
+    """float32 [K, N] weights of a packed tensor: scale * float(q - zp) (the kernels' definition)."""
+    u = unpack_int4_blocks(data, scales, zero_points, K, N, block_size)
+    n_blocks = u["scales"].shape[0]
+    zp = u["zero_points"] if u["zero_points"] is not None else np.full((n_blocks, N), 8, np.uint8)
+    b = np.arange(K) // block_size
+    return (u["q"].astype(np.float32) - zp[b].astype(np.float32)) * u["scales"][b]
+
+
+def quantize_int4_weights(W: np.ndarray, block_size: int, symmetric: bool = True) -> dict:
+    """Round-to-nearest block quantization of a float [K, N] weight (a convenience for tests, the
+    benchmark and simple passes). Symmetric: zp = 8, scale = absmax / 7 (codes 1..15);
+    asymmetric: min/max over the block, 16 levels. Returns pack_int4_blocks' dict plus q/scales/zp."""
+    W = np.asarray(W, dtype=np.float32)
+    K, N = W.shape
+    n_blocks = -(-K // block_size)
+    Wp = np.zeros((n_blocks * block_size, N), np.float32)
+    Wp[:K] = W
+    Wb = Wp.reshape(n_blocks, block_size, N)
+    if symmetric:
+        amax = np.abs(Wb).max(axis=1)
+        scales = (amax / 7.0).astype(np.float32)
+        inv = np.where(scales > 0, 1.0 / np.where(scales > 0, scales, 1), 0).astype(np.float32)
+        q = np.clip(np.rint(Wb * inv[:, None, :]) + 8, 0, 15).astype(np.uint8)
+        zp = None
+    else:
+        lo, hi = Wb.min(axis=1), Wb.max(axis=1)
+        lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
+        scales = ((hi - lo) / 15.0).astype(np.float32)
+        safe = np.where(scales > 0, scales, 1)
+        zp = np.clip(np.rint(-lo / safe), 0, 15).astype(np.uint8)
+        q = np.clip(np.rint(Wb / safe[:, None, :]) + zp[:, None, :], 0, 15).astype(np.uint8)
+    q = q.reshape(-1, N)[:K]
+    packed = pack_int4_blocks(q, scales, zp, block_size)
+    packed.update(q=q, raw_scales=scales, raw_zero_points=zp)
+    return packed
+
+
+# --------------------------------------------------------------------------------------------
+# numpy references (the C++ ops must match these)
+
+
+def quantize_rows_reference(A: np.ndarray, act_bits: int, block_size: int,
+                            channel_shift: np.ndarray | None = None):
+    """Per-token dynamic symmetric quantization, exactly the kernels' rule (kernels/paths.h):
+    x' = x * 2^-shift (float32); absmax over the row; rows with NaN/Inf get q = 0 and scale NaN;
+    rows with absmax < 1e-30 get q = 0 and scale 0; else inv = qmax / absmax (float32),
+    q = round_half_even(clip(x' * inv, -qmax, qmax)), scale = absmax / qmax.
+    Returns (q int8 [M, Kp], scale float32 [M], block_sum int32 [M, n_blocks])."""
+    A = np.asarray(A, dtype=np.float32)
+    M, K = A.shape
+    qmax = np.float32(7 if act_bits == 4 else 127)
+    n_blocks = -(-K // block_size)
+    x = A
+    if channel_shift is not None:
+        x = A * (np.float32(1.0) / (np.uint32(1) << np.asarray(channel_shift, np.uint32)).astype(np.float32))
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        finite = np.isfinite(x).all(axis=1)
+        absmax = np.where(finite, np.abs(np.where(np.isfinite(x), x, 0)).max(axis=1, initial=np.float32(0)),
+                          np.float32(0)).astype(np.float32)
+        ok = finite & (absmax >= np.float32(1e-30))
+        inv = np.where(ok, qmax / np.where(ok, absmax, 1), 0).astype(np.float32)
+        v = np.clip(x * inv[:, None], -qmax, qmax)
+        q = np.where(ok[:, None], np.rint(v), 0).astype(np.int8)
+        scale = np.where(ok, absmax / qmax, np.where(finite, 0, np.nan)).astype(np.float32)
+    qp = np.zeros((M, n_blocks * block_size), np.int8)
+    qp[:, :K] = q
+    bsum = qp.reshape(M, n_blocks, block_size).astype(np.int32).sum(axis=2).astype(np.int32)
+    return qp, scale, bsum
+
+
+def qmatmul_reference(A: np.ndarray, data: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
+                      K: int, N: int, block_size: int, act_bits: int = 16,
+                      channel_shift: np.ndarray | None = None, bias: np.ndarray | None = None) -> np.ndarray:
+    """QMatMul semantics in numpy. A: float32 [..., K]; returns float32 [..., N]."""
+    A = np.asarray(A, dtype=np.float32)
+    if A.shape[-1] != K:
+        raise ValueError(f"A's last dimension {A.shape[-1]} != K={K}")
+    lead = A.shape[:-1]
+    A2 = A.reshape(-1, K)
+    u = unpack_int4_blocks(data, scales, zero_points, K, N, block_size)
+    n_blocks = u["scales"].shape[0]
+    zp = u["zero_points"] if u["zero_points"] is not None else np.full((n_blocks, N), 8, np.uint8)
+    if act_bits == 16:
+        if channel_shift is not None:
+            raise ValueError("channel_shift requires act_bits 8 or 4")
+        Wf = dequantize_int4(data, scales, zero_points, K, N, block_size).astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            Y = A2.astype(np.float64) @ Wf
+            if bias is not None:
+                Y = Y + np.asarray(bias, np.float64)
+        return Y.astype(np.float32).reshape(*lead, N)
+    if act_bits not in (8, 4):
+        raise ValueError(f"act_bits must be 16, 8 or 4, got {act_bits}")
+    qa, sa, bsum = quantize_rows_reference(A2, act_bits, block_size, channel_shift)
+    Kp = n_blocks * block_size
+    qw = np.zeros((Kp, N), np.int64)
+    qw[:K] = u["q"]
+    M = A2.shape[0]
+    dots = np.einsum("mbk,bkn->mbn", qa.reshape(M, n_blocks, block_size).astype(np.int64),
+                     qw.reshape(n_blocks, block_size, N))
+    d = dots - zp.astype(np.int64)[None] * bsum.astype(np.int64)[:, :, None]
+    acc = (d.astype(np.float64) * u["scales"].astype(np.float64)[None]).sum(axis=1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        Y = acc.astype(np.float32) * sa[:, None]
+        if bias is not None:
+            Y = Y + np.asarray(bias, np.float32)
+    return Y.astype(np.float32).reshape(*lead, N)
+
+
+def token_prune_keep(T: int, keep_count: int | None = None, keep_ratio: float | None = None) -> int:
+    """Number of kept tokens (see custom_ops/kernels/ref/token_prune.h)."""
+    if T <= 2:
+        return T
+    if keep_count is not None:
+        k = int(keep_count)
+    elif keep_ratio is not None:
+        c = math.ceil(float(np.float32(keep_ratio)) * T)
+        k = T if c >= T else max(c, 0)
+    else:
+        raise ValueError("needs keep_count or keep_ratio")
+    return min(max(k, 2), T)
+
+
+def token_prune_scores(scores: np.ndarray) -> np.ndarray:
+    """float64 [B, T] scores: importance as is, or attention [B,H,T,S] summed over heads of P[..., 0]
+    in head order."""
+    scores = np.asarray(scores, dtype=np.float32)
+    if scores.ndim == 2:
+        return scores.astype(np.float64)
+    if scores.ndim != 4:
+        raise ValueError(f"scores must be [B,T] or [B,H,T,S], got {scores.shape}")
+    s = np.zeros((scores.shape[0], scores.shape[2]), np.float64)
+    for h in range(scores.shape[1]):
+        s += scores[:, h, :, 0].astype(np.float64)
+    return s
+
+
+def token_prune_reference(hidden: np.ndarray, scores: np.ndarray, keep_count: int | None = None,
+                          keep_ratio: float | None = None, companions: Sequence[np.ndarray] = ()):
+    """TokenPrune semantics in numpy. Returns (pruned [B,keep,D], indices int64 [B,keep], [companions])."""
+    hidden = np.asarray(hidden)
+    B, T, _ = hidden.shape
+    s = token_prune_scores(scores)
+    keep = token_prune_keep(T, keep_count, keep_ratio)
+    idx = np.zeros((B, keep), np.int64)
+    for b in range(B):
+        if keep >= T:
+            idx[b] = np.arange(T)
+            continue
+        row = s[b]
+
+        def key(t: int):
+            v = row[t]
+            return (1, 0.0, t) if math.isnan(v) else (0, -v, t)
+
+        best = sorted(range(1, T - 1), key=key)[: keep - 2]
+        idx[b] = sorted(best + [0, T - 1])
+    take = lambda x: np.take_along_axis(np.asarray(x), idx.reshape(B, keep, *([1] * (np.asarray(x).ndim - 2))), axis=1)
+    return take(hidden), idx, [take(c) for c in companions]
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX schemas
+
+
+def _qmatmul_infer(ctx) -> None:
+    import onnx
+
+    def attr_i(name, default=None):
+        a = ctx.get_attribute(name)
+        return default if a is None else a.i
+
+    K, N, bs, act_bits = attr_i("K"), attr_i("N"), attr_i("block_size"), attr_i("act_bits", 16)
+    if K is None or N is None or bs is None:
+        raise onnx.shape_inference.InferenceError("[llmfold.QMatMul] attributes K, N, block_size are required")
+    if bs < 16 or bs > 256 or bs & (bs - 1):
+        raise onnx.shape_inference.InferenceError(f"[llmfold.QMatMul] block_size must be a power of two in [16, 256], got {bs}")
+    if act_bits not in (16, 8, 4):
+        raise onnx.shape_inference.InferenceError(f"[llmfold.QMatMul] act_bits must be 16, 8 or 4, got {act_bits}")
+    out = onnx.TypeProto()
+    out.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    a = ctx.get_input_type(0)
+    if a is not None and a.tensor_type.HasField("shape"):
+        dims = list(a.tensor_type.shape.dim)
+        if not dims:
+            raise onnx.shape_inference.InferenceError("[llmfold.QMatMul] A must have rank >= 1")
+        if dims[-1].HasField("dim_value") and dims[-1].dim_value != K:
+            raise onnx.shape_inference.InferenceError(
+                f"[llmfold.QMatMul] A's last dimension {dims[-1].dim_value} != K={K}")
+        shp = out.tensor_type.shape
+        for d in dims[:-1]:
+            shp.dim.add().CopyFrom(d)
+        shp.dim.add().dim_value = N
+    ctx.set_output_type(0, out)
+
+
+def _token_prune_infer(ctx) -> None:
+    import onnx
+
+    def dims_of(i):
+        t = ctx.get_input_type(i) if ctx.has_input(i) else None
+        if t is None or not t.tensor_type.HasField("shape"):
+            return t, None
+        return t, list(t.tensor_type.shape.dim)
+
+    h, hd = dims_of(0)
+    if hd is not None and len(hd) != 3:
+        raise onnx.shape_inference.InferenceError("[llmfold.TokenPrune] hidden must be [B,T,D]")
+    n_out = ctx.get_num_outputs()
+    n_comp = sum(1 for i in range(3, ctx.get_num_inputs()) if ctx.has_input(i))
+    if n_out > 2 + n_comp:
+        raise onnx.shape_inference.InferenceError(
+            f"[llmfold.TokenPrune] {n_out} outputs but only {n_comp} companion inputs")
+
+    def make(elem, dims, keep_axis=1):
+        tp = onnx.TypeProto()
+        tp.tensor_type.elem_type = elem
+        if dims is not None:
+            for i, d in enumerate(dims):
+                nd = tp.tensor_type.shape.dim.add()
+                if i != keep_axis:
+                    nd.CopyFrom(d)
+        return tp
+
+    ctx.set_output_type(0, make(onnx.TensorProto.FLOAT, hd))
+    if n_out > 1 and ctx.has_output(1):
+        ctx.set_output_type(1, make(onnx.TensorProto.INT64, hd[:2] if hd is not None else None))
+    for o in range(2, n_out):
+        if not ctx.has_output(o):
+            continue
+        t, cd = dims_of(o + 1)
+        if t is None:
+            raise onnx.shape_inference.InferenceError(f"[llmfold.TokenPrune] output {o} has no companion input {o + 1}")
+        ctx.set_output_type(o, make(t.tensor_type.elem_type, cd))
+
+
+def _schemas():
+    from onnx import defs, helper
+
+    OS = defs.OpSchema
+    FP = OS.FormalParameter
+    opt = OS.FormalParameterOption.Optional
+    q = OS(
+        "QMatMul", DOMAIN, OPSET_VERSION,
+        doc="Y[...,N] = A[...,K] . dequant(B)[K,N] (+ bias); 4-bit block-quantized weights in llmfold's packed "
+            "layout (custom_ops/README.md). act_bits 16: float activations; 8/4: per-token dynamic symmetric "
+            "integer activations. channel_shift: per-input-channel power-of-two divisors (TRIP) applied before "
+            "activation quantization.",
+        inputs=[FP("A", "T", "float activations [..., K]"),
+                FP("B", "U", "packed 4-bit weights, n_tiles*Kp/8*64 bytes"),
+                FP("scales", "T", "block scales [n_tiles, n_blocks, 16]"),
+                FP("zero_points", "U", "4-bit zero points [n_tiles, n_blocks, 16]", param_option=opt),
+                FP("bias", "T", "bias [N]", param_option=opt),
+                FP("channel_shift", "U", "shift exponents [K] in 0..15", param_option=opt)],
+        outputs=[FP("Y", "T", "output [..., N]")],
+        type_constraints=[("T", ["tensor(float)"], "float"), ("U", ["tensor(uint8)"], "bytes")],
+        attributes=[OS.Attribute("K", OS.AttrType.INT, "input features"),
+                    OS.Attribute("N", OS.AttrType.INT, "output features"),
+                    OS.Attribute("block_size", OS.AttrType.INT, "weights per scale along K (16..256, power of 2)"),
+                    OS.Attribute("act_bits", helper.make_attribute("act_bits", 16), "16, 8 or 4")],
+    )
+    q.set_type_and_shape_inference_function(_qmatmul_infer)
+    t = OS(
+        "TokenPrune", DOMAIN, OPSET_VERSION,
+        doc="Agile-Quant token pruning: keeps token 0, token T-1 and the highest-scoring others (scores: "
+            "importance [B,T] or attention probabilities [B,H,T,S] -> sum over heads of P[...,0]); outputs keep "
+            "rows in original order, the kept indices and the gathered companion tensors.",
+        inputs=[FP("hidden", "T", "[B,T,D]"),
+                FP("scores", "T", "importance [B,T] or attention probabilities [B,H,T,S]"),
+                FP("keep_count", "I", "int64 scalar; else attribute keep_ratio", param_option=opt),
+                FP("companion0", "C0", "[B,T,...]", param_option=opt),
+                FP("companion1", "C1", "[B,T,...]", param_option=opt),
+                FP("companion2", "C2", "[B,T,...]", param_option=opt)],
+        outputs=[FP("pruned", "T", "[B,keep,D]"),
+                 FP("kept_indices", "I", "int64 [B,keep], ascending", param_option=opt),
+                 FP("companion0_out", "C0", "[B,keep,...]", param_option=opt),
+                 FP("companion1_out", "C1", "[B,keep,...]", param_option=opt),
+                 FP("companion2_out", "C2", "[B,keep,...]", param_option=opt)],
+        type_constraints=[("T", ["tensor(float)"], "float"), ("I", ["tensor(int64)"], "int64"),
+                          ("C0", ["tensor(float)", "tensor(int64)"], "companion"),
+                          ("C1", ["tensor(float)", "tensor(int64)"], "companion"),
+                          ("C2", ["tensor(float)", "tensor(int64)"], "companion")],
+        attributes=[OS.Attribute("keep_ratio", OS.AttrType.FLOAT, "fraction of tokens kept, in (0, 1]",
+                                 required=False)],
+    )
+    t.set_type_and_shape_inference_function(_token_prune_infer)
+    return [q, t]
+
+
+def register_schemas() -> None:
+    """Registers the llmfold ONNX schemas (idempotent)."""
+    from onnx import defs
+
+    for s in _schemas():
+        try:
+            defs.get_schema(s.name, OPSET_VERSION, DOMAIN)
+            continue
+        except defs.SchemaError:
+            pass
+        defs.register_schema(s)
+
+
+def make_qmatmul_node(inputs: Sequence[str], output: str, K: int, N: int, block_size: int, act_bits: int = 16,
+                      name: str | None = None):
+    """A QMatMul NodeProto (inputs: A, B, scales[, zero_points, bias, channel_shift]; '' skips one)."""
+    from onnx import helper
+
+    return helper.make_node("QMatMul", list(inputs), [output], name=name, domain=DOMAIN, K=int(K), N=int(N),
+                            block_size=int(block_size), act_bits=int(act_bits))

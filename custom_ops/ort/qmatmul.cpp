@@ -1,0 +1,242 @@
+// llmfold.QMatMul: Y[..., N] = A[..., K] . dequant(B)[K, N] (+ bias), INT4 weights in the packed
+// layout of kernels/kernels.h. Inputs: A float, B uint8 (packed), scales float, zero_points uint8
+// (optional), bias float [N] (optional), channel_shift uint8 [K] (optional, TRIP: channel k of A is
+// divided by 2^shift[k] before activation quantization; only meaningful for act_bits 8/4, rejected
+// with act_bits 16). Attributes: K, N, block_size (16..256, power of two), act_bits (16 | 8 | 4).
+#include <algorithm>
+#include <cstring>
+#include <memory>
+
+#include "common.h"
+#include "kernels/kernels.h"
+
+namespace llmfold {
+namespace ortglue {
+namespace {
+
+int64_t attr_int(const Ort::ConstKernelInfo& info, const char* name, bool required, int64_t dflt) {
+  try {
+    return info.GetAttribute<int64_t>(name);
+  } catch (const Ort::Exception&) {
+    if (required) fail("missing required int attribute '", name, "'");
+    return dflt;
+  }
+}
+
+// Values must all be <= 15 (4-bit zero points, shift exponents).
+void check_nibbles(const uint8_t* p, int64_t n, const char* what) {
+  uint8_t acc = 0;
+  for (int64_t i = 0; i < n; ++i) acc |= p[i];
+  if (acc & 0xF0) {
+    for (int64_t i = 0; i < n; ++i)
+      if (p[i] > 15) fail(what, " values must be in [0, 15]; element ", std::to_string(i), " is ", std::to_string(p[i]));
+  }
+}
+
+struct QMatMulKernel {
+  static constexpr const char* kName = "QMatMul";
+  int64_t K, N, block_size, act_bits, n_blocks, n_tiles, Kp;
+  bool zp_checked = false, shift_checked = false;  // constant initializers validated once
+
+  explicit QMatMulKernel(const OrtKernelInfo* raw) {
+    Ort::ConstKernelInfo info(raw);
+    K = attr_int(info, "K", true, 0);
+    N = attr_int(info, "N", true, 0);
+    block_size = attr_int(info, "block_size", true, 0);
+    act_bits = attr_int(info, "act_bits", false, 16);
+    if (K < 1 || K > (int64_t{1} << 30)) fail("attribute K must be in [1, 2^30], got ", std::to_string(K));
+    if (N < 1 || N > (int64_t{1} << 30)) fail("attribute N must be in [1, 2^30], got ", std::to_string(N));
+    if (block_size < 16 || block_size > 256 || (block_size & (block_size - 1)))
+      fail("attribute block_size must be a power of two in [16, 256], got ", std::to_string(block_size));
+    if (act_bits != 16 && act_bits != 8 && act_bits != 4)
+      fail("attribute act_bits must be 16, 8 or 4, got ", std::to_string(act_bits));
+    n_blocks = (K + block_size - 1) / block_size;
+    n_tiles = (N + kTileN - 1) / kTileN;
+    Kp = n_blocks * block_size;
+    // Constant zero points / shifts are checked here once instead of on every run.
+    const size_t nin = info.GetInputCount();
+    int is_const = 0;
+    if (nin > 3) {
+      Ort::ConstValue z = info.GetTensorConstantInput(3, &is_const);
+      if (is_const && static_cast<const OrtValue*>(z)) {
+        auto ti = z.GetTensorTypeAndShapeInfo();
+        if (ti.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 &&
+            static_cast<int64_t>(ti.GetElementCount()) == n_tiles * n_blocks * kTileN) {
+          check_nibbles(z.GetTensorData<uint8_t>(), n_tiles * n_blocks * kTileN, "zero_points");
+          zp_checked = true;
+        }
+      }
+    }
+    if (nin > 5) {
+      Ort::ConstValue s = info.GetTensorConstantInput(5, &is_const);
+      if (is_const && static_cast<const OrtValue*>(s)) {
+        auto ti = s.GetTensorTypeAndShapeInfo();
+        if (ti.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && static_cast<int64_t>(ti.GetElementCount()) == K) {
+          check_nibbles(s.GetTensorData<uint8_t>(), K, "channel_shift");
+          shift_checked = true;
+        }
+      }
+    }
+  }
+
+  struct Work {
+    const KernelTable* kt;
+    PackedInt4 W;
+    const float* A;  // [M][Kp], zero beyond K
+    QuantizedRows Q;
+    int64_t M, act_bits, row_tasks, col_tasks, rows_per, tiles_per;
+    const float* bias;
+    float* C;
+    int64_t ldc;
+  };
+
+  static void run_task(void* p, size_t i) {
+    const Work& w = *static_cast<const Work*>(p);
+    const int64_t rt = static_cast<int64_t>(i) / w.col_tasks, ct = static_cast<int64_t>(i) % w.col_tasks;
+    const int64_t m0 = rt * w.rows_per, m1 = std::min(w.M, m0 + w.rows_per);
+    const int64_t t0 = ct * w.tiles_per, t1 = std::min(w.W.n_tiles, t0 + w.tiles_per);
+    if (m0 >= m1 || t0 >= t1) return;
+    if (w.act_bits == 16) {
+      w.kt->gemm_a16(w.A + m0 * w.W.Kp(), m1 - m0, w.W, t0, t1, w.bias, w.C + m0 * w.ldc, w.ldc);
+    } else {
+      const QuantizedRows q{w.Q.q + m0 * w.Q.Kp, w.Q.scale + m0, w.Q.block_sum + m0 * w.Q.n_blocks, w.Q.Kp,
+                            w.Q.n_blocks};
+      w.kt->gemm_int(q, m1 - m0, static_cast<int>(w.act_bits), w.W, t0, t1, w.bias, w.C + m0 * w.ldc, w.ldc);
+    }
+  }
+
+  struct QuantWork {
+    const KernelTable* kt;
+    const float* A;
+    int64_t K, M, rows_per, act_bits;
+    const uint8_t* shift;
+    QuantizedRows Q;
+  };
+  static void quant_task(void* p, size_t i) {
+    const QuantWork& w = *static_cast<const QuantWork*>(p);
+    const int64_t m0 = static_cast<int64_t>(i) * w.rows_per, m1 = std::min(w.M, m0 + w.rows_per);
+    if (m0 < m1) w.kt->quantize_rows(w.A, w.K, w.K, m0, m1, w.shift, static_cast<int>(w.act_bits), w.Q);
+  }
+
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    const In A = get_input(ctx, 0), B = get_input(ctx, 1), S = get_input(ctx, 2), Z = get_input(ctx, 3),
+             bias = get_input(ctx, 4), shift = get_input(ctx, 5);
+    if (!A) fail("input A is required");
+    if (!B) fail("input B (packed weights) is required");
+    if (!S) fail("input scales is required");
+    expect_type(A, "A", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    expect_type(B, "B", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
+    expect_type(S, "scales", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    if (A.shape.empty()) fail("A must have rank >= 1");
+    if (A.shape.back() != K)
+      fail("A's last dimension is ", std::to_string(A.shape.back()), " but attribute K is ", std::to_string(K),
+           " (A shape ", shape_str(A.shape), ")");
+    const int64_t want_b = n_tiles * (Kp / kGroupK) * 64, want_s = n_tiles * n_blocks * kTileN;
+    if (B.count != want_b)
+      fail("packed B has ", std::to_string(B.count), " bytes; K=", std::to_string(K), " N=", std::to_string(N),
+           " block_size=", std::to_string(block_size), " needs exactly ", std::to_string(want_b),
+           " (n_tiles*Kp/8*64)");
+    if (S.count != want_s)
+      fail("scales has ", std::to_string(S.count), " elements; needs exactly ", std::to_string(want_s),
+           " (n_tiles*n_blocks*16)");
+    const uint8_t* zp = nullptr;
+    if (Z) {
+      expect_type(Z, "zero_points", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
+      if (Z.count != want_s)
+        fail("zero_points has ", std::to_string(Z.count), " elements; needs exactly ", std::to_string(want_s),
+             " (n_tiles*n_blocks*16)");
+      zp = Z.data<uint8_t>();
+      if (!zp_checked) check_nibbles(zp, Z.count, "zero_points");
+    }
+    const float* bp = nullptr;
+    if (bias) {
+      expect_type(bias, "bias", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+      if (bias.count != N) fail("bias has ", std::to_string(bias.count), " elements; needs N=", std::to_string(N));
+      bp = bias.data<float>();
+    }
+    const uint8_t* sh = nullptr;
+    if (shift) {
+      expect_type(shift, "channel_shift", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
+      if (shift.count != K)
+        fail("channel_shift has ", std::to_string(shift.count), " elements; needs K=", std::to_string(K));
+      if (act_bits == 16) fail("channel_shift requires act_bits 8 or 4 (it scales activations before quantization)");
+      sh = shift.data<uint8_t>();
+      if (!shift_checked) check_nibbles(sh, K, "channel_shift");
+    }
+
+    std::vector<int64_t> yshape(A.shape.begin(), A.shape.end() - 1);
+    yshape.push_back(N);
+    const int64_t M = K ? A.count / K : 0;
+    Ort::UnownedValue Yv = ctx.GetOutput(0, yshape);
+    if (M == 0) return;
+    float* Y = Yv.GetTensorMutableData<float>();
+    const float* a = A.data<float>();
+
+    Work w{};
+    w.kt = &active_kernels();
+    w.W = PackedInt4{B.data<uint8_t>(), S.data<float>(), zp, K, N, block_size, n_blocks, n_tiles};
+    w.M = M;
+    w.act_bits = act_bits;
+    w.bias = bp;
+    w.C = Y;
+    w.ldc = N;
+
+    std::vector<float> padded;
+    std::vector<int8_t> qbuf;
+    std::vector<float> qscale;
+    std::vector<int32_t> qsum;
+    if (act_bits == 16) {
+      if (Kp == K) {
+        w.A = a;
+      } else {  // the kernels read Kp columns; pad with zeros only when K is not a block multiple
+        padded.assign(static_cast<size_t>(M * Kp), 0.0f);
+        for (int64_t m = 0; m < M; ++m) std::memcpy(&padded[m * Kp], a + m * K, sizeof(float) * K);
+        w.A = padded.data();
+      }
+    } else {
+      qbuf.resize(static_cast<size_t>(M * Kp));
+      qscale.resize(static_cast<size_t>(M));
+      qsum.resize(static_cast<size_t>(M * n_blocks));
+      w.Q = QuantizedRows{qbuf.data(), qscale.data(), qsum.data(), Kp, n_blocks};
+      QuantWork qw{w.kt, a, K, M, 0, act_bits, sh, w.Q};
+      const int64_t qtasks = std::max<int64_t>(1, std::min<int64_t>(M / 8, 16));
+      qw.rows_per = (M + qtasks - 1) / qtasks;
+      if (qtasks == 1) quant_task(&qw, 0);
+      else ctx.ParallelFor(&QMatMulKernel::quant_task, static_cast<size_t>(qtasks), 0, &qw);
+    }
+
+    // Task grid: chunks of >= 8 column tiles (per-task setup - activation packing, per-row
+    // prescaling - stays small against the work), at most 64 tasks and about 2^20 MACs per task
+    // at least. ORT's pool balances the tasks over its threads.
+    const int64_t macs = M * Kp * n_tiles * kTileN;
+    const int64_t want = std::max<int64_t>(1, std::min<int64_t>(64, macs >> 20));
+    w.col_tasks = std::max<int64_t>(1, std::min(want, n_tiles / 8));
+    // Row splits repeat the per-tile weight unpacking/dequantization: only when there is a
+    // single column chunk.
+    w.row_tasks = w.col_tasks > 1 ? 1 : std::max<int64_t>(1, std::min<int64_t>(want, M / 32));
+    w.tiles_per = (n_tiles + w.col_tasks - 1) / w.col_tasks;
+    w.col_tasks = (n_tiles + w.tiles_per - 1) / w.tiles_per;
+    w.rows_per = (M + w.row_tasks - 1) / w.row_tasks;
+    w.row_tasks = (M + w.rows_per - 1) / w.rows_per;
+    const int64_t tasks = w.row_tasks * w.col_tasks;
+    if (tasks == 1) run_task(&w, 0);
+    else ctx.ParallelFor(&QMatMulKernel::run_task, static_cast<size_t>(tasks), 0, &w);
+  }
+};
+
+}  // namespace
+
+std::vector<Ort::Custom::OrtLiteCustomOp*> make_qmatmul_ops() {
+  using C = OrtCustomOpInputOutputCharacteristic;
+  return {new Op<QMatMulKernel>(
+      "QMatMul",
+      {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+       ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8},
+      {C::INPUT_OUTPUT_REQUIRED, C::INPUT_OUTPUT_REQUIRED, C::INPUT_OUTPUT_REQUIRED, C::INPUT_OUTPUT_OPTIONAL,
+       C::INPUT_OUTPUT_OPTIONAL, C::INPUT_OUTPUT_OPTIONAL},
+      {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT}, {C::INPUT_OUTPUT_REQUIRED})};
+}
+
+}  // namespace ortglue
+}  // namespace llmfold

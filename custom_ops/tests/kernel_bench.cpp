@@ -1,0 +1,70 @@
+// Microbenchmark of the active kernel path without ONNX Runtime (single thread), for tuning.
+// Usage: llmfold_kernel_bench M K N [block_size] [reps]   -> min / median thread-CPU microseconds per call.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <time.h>
+#include <vector>
+
+#include "kernels.h"
+
+using namespace llmfold;
+using Clock = std::chrono::steady_clock;
+
+int main(int argc, char** argv) {
+  if (argc < 4) {
+    std::fprintf(stderr, "usage: %s M K N [block_size] [reps]\n", argv[0]);
+    return 2;
+  }
+  const int64_t M = std::atoll(argv[1]), K = std::atoll(argv[2]), N = std::atoll(argv[3]);
+  const int64_t bs = argc > 4 ? std::atoll(argv[4]) : 32;
+  const int reps = argc > 5 ? std::atoi(argv[5]) : 20;
+  const int64_t nb = (K + bs - 1) / bs, Kp = nb * bs, nt = (N + 15) / 16;
+  std::mt19937 rng(1);
+  std::vector<uint8_t> data(static_cast<size_t>(nt * Kp / 8 * 64));
+  for (auto& v : data) v = static_cast<uint8_t>(rng());
+  std::vector<float> scales(static_cast<size_t>(nt * nb * 16), 0.01f), A(static_cast<size_t>(M * Kp)),
+      C(static_cast<size_t>(M * N));
+  std::uniform_real_distribution<float> U(-1, 1);
+  for (auto& v : A) v = U(rng);
+  const PackedInt4 W{data.data(), scales.data(), nullptr, K, N, bs, nb, nt};
+  std::vector<int8_t> q(static_cast<size_t>(M * Kp));
+  std::vector<float> qs(static_cast<size_t>(M));
+  std::vector<int32_t> bsum(static_cast<size_t>(M * nb));
+  const QuantizedRows Q{q.data(), qs.data(), bsum.data(), Kp, nb};
+  const KernelTable& kt = active_kernels();
+  auto time_it = [&](auto&& fn) {
+    std::vector<double> t;
+    for (int r = 0; r < reps; ++r) {
+      // Thread CPU time: robust when other processes share the cores.
+      timespec a, b;
+      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
+      fn();
+      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
+      t.push_back((b.tv_sec - a.tv_sec) * 1e6 + (b.tv_nsec - a.tv_nsec) * 1e-3);
+    }
+    std::sort(t.begin(), t.end());
+    return std::make_pair(t.front(), t[t.size() / 2]);
+  };
+  const double wbytes = static_cast<double>(K) * N / 2;
+  for (int bits : {8, 4}) {
+    auto r = time_it([&] {
+      kt.quantize_rows(A.data(), Kp, K, 0, M, nullptr, bits, Q);
+      kt.gemm_int(Q, M, bits, W, 0, nt, nullptr, C.data(), N);
+    });
+    std::printf("%s a%d  M=%lld K=%lld N=%lld: min %.1f us  median %.1f us  (%.2f GB/s int4, %.1f GMAC/s)\n", kt.name,
+                bits, (long long)M, (long long)K, (long long)N, r.first, r.second, wbytes / r.first / 1e3,
+                double(M) * K * N / r.first / 1e3);
+  }
+  {
+    auto q8 = time_it([&] { kt.quantize_rows(A.data(), Kp, K, 0, M, nullptr, 8, Q); });
+    std::printf("%s quantize_rows M=%lld K=%lld: min %.1f us\n", kt.name, (long long)M, (long long)K, q8.first);
+  }
+  auto r = time_it([&] { kt.gemm_a16(A.data(), M, W, 0, nt, nullptr, C.data(), N); });
+  std::printf("%s a16 M=%lld K=%lld N=%lld: min %.1f us  median %.1f us  (%.2f GB/s int4, %.1f GMAC/s)\n", kt.name,
+              (long long)M, (long long)K, (long long)N, r.first, r.second, wbytes / r.first / 1e3,
+              double(M) * K * N / r.first / 1e3);
+  return 0;
+}

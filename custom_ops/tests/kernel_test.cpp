@@ -1,0 +1,332 @@
+// Kernel tests: every path this CPU can run against the reference (ref) on random and edge shapes.
+//   quantize_rows and int_block_dots: bit for bit; gemm_a16 and gemm_int: within 1e-5 of the
+//   magnitude sum_k |a_k w_k| (and identical non-finite positions for NaN/Inf rows).
+// Usage: llmfold_kernel_test [--quick] [--path NAME]
+// Exit status 0 when every check passed. Compiled-in paths the CPU cannot run are reported as
+// skipped with the missing feature.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+#include "paths.h"
+#include "ref/token_prune.h"
+
+using namespace llmfold;
+
+namespace {
+
+int g_failures = 0;
+int g_checks = 0;
+
+#define CHECK(cond, ...)                              \
+  do {                                                \
+    ++g_checks;                                       \
+    if (!(cond)) {                                    \
+      ++g_failures;                                   \
+      if (g_failures <= 30) {                         \
+        std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+        std::printf(__VA_ARGS__);                     \
+        std::printf("\n");                            \
+      }                                               \
+    }                                                 \
+  } while (0)
+
+struct Packed {
+  int64_t K, N, bs, nb, nt;
+  std::vector<uint8_t> data, zp;
+  std::vector<float> scales;
+  bool has_zp;
+  PackedInt4 view() const {
+    return PackedInt4{data.data(), scales.data(), has_zp ? zp.data() : nullptr, K, N, bs, nb, nt};
+  }
+};
+
+// Test-side packer written from the layout description in kernels.h (independent of ref's reader).
+Packed pack(const std::vector<uint8_t>& q, const std::vector<float>& sc, const std::vector<uint8_t>* zp, int64_t K,
+            int64_t N, int64_t bs) {
+  Packed p;
+  p.K = K, p.N = N, p.bs = bs, p.nb = (K + bs - 1) / bs, p.nt = (N + 15) / 16, p.has_zp = zp != nullptr;
+  const int64_t Kp = p.nb * bs;
+  p.data.assign(static_cast<size_t>(p.nt * Kp / 8 * 64), 0);
+  p.scales.assign(static_cast<size_t>(p.nt * p.nb * 16), 0.0f);
+  p.zp.assign(static_cast<size_t>(p.nt * p.nb * 16), 8);
+  for (int64_t t = 0; t < p.nt; ++t)
+    for (int64_t b = 0; b < p.nb; ++b)
+      for (int64_t c = 0; c < 16; ++c) {
+        const int64_t n = t * 16 + c;
+        if (n < N) {
+          p.scales[(t * p.nb + b) * 16 + c] = sc[b * N + n];
+          if (zp) p.zp[(t * p.nb + b) * 16 + c] = (*zp)[b * N + n];
+        }
+      }
+  for (int64_t t = 0; t < p.nt; ++t)
+    for (int64_t k = 0; k < Kp; ++k)
+      for (int64_t c = 0; c < 16; ++c) {
+        const int64_t n = t * 16 + c, b = k / bs;
+        int v;
+        if (n >= N) v = 8;
+        else if (k >= K) v = zp ? (*zp)[b * N + n] : 8;
+        else v = q[k * N + n];
+        const int64_t g = k / 8, j = k % 8;
+        uint8_t& byte = p.data[static_cast<size_t>((t * (Kp / 8) + g) * 64 + 4 * c + (j & 3))];
+        byte |= static_cast<uint8_t>(j < 4 ? v : v << 4);
+      }
+  return p;
+}
+
+struct Case {
+  int64_t M, K, N, bs;
+  bool zp, bias, shift;
+  int special;  // 0 random, 1 zero blocks, 2 NaN/Inf rows, 3 huge, 4 tiny, 5 extreme zp/q, 6 max sums
+};
+
+bool same_bits(float a, float b) {
+  if (std::isnan(a) && std::isnan(b)) return true;
+  return std::memcmp(&a, &b, 4) == 0;
+}
+
+void run_case(const KernelTable& kt, const Case& cs, std::mt19937_64& rng) {
+  const KernelTable& R = ref_kernels();
+  const int64_t M = cs.M, K = cs.K, N = cs.N, bs = cs.bs;
+  const int64_t nb = (K + bs - 1) / bs, Kp = nb * bs, nt = (N + 15) / 16, Np = nt * 16;
+  std::uniform_real_distribution<float> U(-1.0f, 1.0f);
+  std::uniform_int_distribution<int> Q(0, 15);
+  std::vector<uint8_t> q(static_cast<size_t>(K * N)), zp(static_cast<size_t>(nb * N));
+  std::vector<float> sc(static_cast<size_t>(nb * N)), bias(static_cast<size_t>(N));
+  for (auto& v : q) v = static_cast<uint8_t>(Q(rng));
+  for (auto& v : zp) v = static_cast<uint8_t>(Q(rng));
+  for (auto& v : sc) v = 0.01f + 0.05f * std::fabs(U(rng));
+  for (auto& v : bias) v = U(rng);
+  if (cs.special == 1) {  // all-zero blocks: a zero-scale block and a block with q == zp
+    for (int64_t n = 0; n < N; ++n) sc[0 * N + n] = 0.0f;
+    if (nb > 1)
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = bs; k < std::min(K, 2 * bs); ++k) q[k * N + n] = cs.zp ? zp[N + n] : 8;
+  }
+  if (cs.special == 5) {  // extreme codes: q in {0, 15}, zp in {0, 15}
+    for (auto& v : q) v = (rng() & 1) ? 15 : 0;
+    for (auto& v : zp) v = (rng() & 1) ? 15 : 0;
+  }
+  if (cs.special == 6) {  // largest integer sums: q = 15 everywhere, constant-sign full-scale rows
+    for (auto& v : q) v = 15;
+    for (auto& v : zp) v = 0;
+  }
+  const Packed P = pack(q, sc, cs.zp ? &zp : nullptr, K, N, bs);
+  const PackedInt4 W = P.view();
+
+  std::vector<float> A(static_cast<size_t>(M * Kp), 0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      float v = U(rng);
+      if (cs.special == 3) v *= 1e30f;
+      if (cs.special == 4) v *= 1e-33f;
+      if (cs.special == 1 && m == 0) v = 0.0f;  // an all-zero activation row
+      if (cs.special == 6) v = (m % 2) ? -1.0f : 1.0f;
+      A[m * Kp + k] = v;
+    }
+  if (cs.special == 2) {
+    A[0 * Kp + K / 2] = std::numeric_limits<float>::quiet_NaN();
+    if (M > 1) A[1 * Kp + 0] = std::numeric_limits<float>::infinity();
+    if (M > 2) A[2 * Kp + K - 1] = -std::numeric_limits<float>::infinity();
+  }
+  std::vector<uint8_t> shift(static_cast<size_t>(K));
+  for (auto& s : shift) s = static_cast<uint8_t>(rng() % 16);
+  const uint8_t* sh = cs.shift ? shift.data() : nullptr;
+  const float* bp = cs.bias ? bias.data() : nullptr;
+  char tag[160];
+  std::snprintf(tag, sizeof tag, "%s M=%lld K=%lld N=%lld bs=%lld zp=%d bias=%d shift=%d special=%d", kt.name,
+                (long long)M, (long long)K, (long long)N, (long long)bs, cs.zp, cs.bias, cs.shift, cs.special);
+
+  // Magnitude bound for the float comparisons: sum_k |a_k| |w_kn|.
+  std::vector<double> mag(static_cast<size_t>(M * N), 0.0);
+  std::vector<bool> bad_row(static_cast<size_t>(M), false);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = A[m * Kp + k];
+      if (!std::isfinite(a)) bad_row[m] = true;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t b = k / bs;
+        const float w = sc[b * N + n] * static_cast<float>(q[k * N + n] - (cs.zp ? zp[b * N + n] : 8));
+        mag[m * N + n] += std::fabs(static_cast<double>(a) * w);
+      }
+    }
+
+  // ---- gemm_a16 (tile range split in two to exercise partial ranges) ----
+  {
+    std::vector<float> Cr(static_cast<size_t>(M * N), -7.0f), Cp(static_cast<size_t>(M * N), -7.0f);
+    R.gemm_a16(A.data(), M, W, 0, nt, bp, Cr.data(), N);
+    const int64_t mid = nt / 2;
+    kt.gemm_a16(A.data(), M, W, 0, mid, bp, Cp.data(), N);
+    kt.gemm_a16(A.data(), M, W, mid, nt, bp, Cp.data(), N);
+    int bad = 0;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        const float r = Cr[m * N + n], p = Cp[m * N + n];
+        bool ok;
+        if (bad_row[m]) ok = !std::isfinite(p) && !std::isfinite(r);
+        else ok = std::fabs(static_cast<double>(r) - p) <= 1e-5 * mag[m * N + n] + 1e-6 * std::fabs(r) + 1e-37;
+        if (!ok && bad++ < 3) CHECK(false, "%s gemm_a16 [%lld,%lld] ref=%g path=%g mag=%g", tag, (long long)m,
+                                    (long long)n, r, p, mag[m * N + n]);
+        else ++g_checks;
+      }
+  }
+
+  // ---- quantize_rows + integer paths, both activation widths ----
+  for (int act_bits : {8, 4}) {
+    std::vector<int8_t> qr(static_cast<size_t>(M * Kp), 99), qp(static_cast<size_t>(M * Kp), 99);
+    std::vector<float> sr(static_cast<size_t>(M)), sp(static_cast<size_t>(M));
+    std::vector<int32_t> br(static_cast<size_t>(M * nb)), bq(static_cast<size_t>(M * nb));
+    const QuantizedRows QR{qr.data(), sr.data(), br.data(), Kp, nb};
+    const QuantizedRows QP{qp.data(), sp.data(), bq.data(), Kp, nb};
+    R.quantize_rows(A.data(), Kp, K, 0, M, sh, act_bits, QR);
+    kt.quantize_rows(A.data(), Kp, K, 0, 1, sh, act_bits, QP);  // row ranges in two calls
+    kt.quantize_rows(A.data(), Kp, K, 1, M, sh, act_bits, QP);
+    CHECK(qr == qp, "%s a%d quantize_rows q differs", tag, act_bits);
+    CHECK(br == bq, "%s a%d quantize_rows block sums differ", tag, act_bits);
+    bool sok = true;
+    for (int64_t m = 0; m < M; ++m) sok = sok && same_bits(sr[m], sp[m]);
+    CHECK(sok, "%s a%d quantize_rows scales differ", tag, act_bits);
+
+    std::vector<int32_t> dr(static_cast<size_t>(M * nb * Np), -1), dp(static_cast<size_t>(M * nb * Np), -2);
+    R.int_block_dots(QR, M, act_bits, W, 0, nt, dr.data());
+    kt.int_block_dots(QR, M, act_bits, W, 0, nt, dp.data());
+    CHECK(dr == dp, "%s a%d int_block_dots differ", tag, act_bits);
+
+    std::vector<float> Cr(static_cast<size_t>(M * N), -7.0f), Cp(static_cast<size_t>(M * N), -7.0f);
+    R.gemm_int(QR, M, act_bits, W, 0, nt, bp, Cr.data(), N);
+    const int64_t mid = (nt + 1) / 2;
+    kt.gemm_int(QR, M, act_bits, W, 0, mid, bp, Cp.data(), N);
+    kt.gemm_int(QR, M, act_bits, W, mid, nt, bp, Cp.data(), N);
+    int bad = 0;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        double bound = 0.0;  // sa * sum_b |sw (dot - zp bsum)|
+        for (int64_t b = 0; b < nb; ++b) {
+          const int64_t d = dr[(m * nb + b) * Np + n] - int64_t{cs.zp ? zp[b * N + n] : 8} * br[m * nb + b];
+          bound += std::fabs(static_cast<double>(sc[b * N + n]) * static_cast<double>(d));
+        }
+        bound *= std::fabs(sr[m]);
+        const float r = Cr[m * N + n], p = Cp[m * N + n];
+        bool ok;
+        if (std::isnan(sr[m])) ok = std::isnan(r) && std::isnan(p);
+        else ok = std::fabs(static_cast<double>(r) - p) <= 1e-5 * bound + 1e-6 * std::fabs(r) + 1e-37;
+        if (!ok && bad++ < 3) CHECK(false, "%s a%d gemm_int [%lld,%lld] ref=%g path=%g bound=%g", tag, act_bits,
+                                    (long long)m, (long long)n, r, p, bound);
+        else ++g_checks;
+      }
+  }
+}
+
+// Reference-level checks of the quantization rule and TokenPrune selection (path independent).
+void spec_checks() {
+  // Quantization rule: max maps to +-qmax, rounding half to even, NaN rows, tiny rows.
+  {
+    const int64_t K = 16, bs = 16;
+    std::vector<float> a(K, 0.0f);
+    a[0] = 127.0f, a[1] = -63.5f, a[2] = 0.5f, a[3] = 1.5f, a[4] = 2.5f;
+    std::vector<int8_t> q(K);
+    float s;
+    int32_t bsum;
+    ref_kernels().quantize_rows(a.data(), K, K, 0, 1, nullptr, 8, QuantizedRows{q.data(), &s, &bsum, K, 1});
+    CHECK(q[0] == 127 && q[1] == -64 && q[2] == 0 && q[3] == 2 && q[4] == 2 && s == 1.0f && bsum == 67,
+          "quantization rule: q=%d %d %d %d %d s=%g bsum=%d", q[0], q[1], q[2], q[3], q[4], s, bsum);
+    a[5] = std::numeric_limits<float>::quiet_NaN();
+    ref_kernels().quantize_rows(a.data(), K, K, 0, 1, nullptr, 8, QuantizedRows{q.data(), &s, &bsum, K, 1});
+    CHECK(std::isnan(s) && q[0] == 0 && bsum == 0, "NaN row must give scale NaN, q 0");
+    std::vector<float> tiny(K, 1e-31f);
+    ref_kernels().quantize_rows(tiny.data(), K, K, 0, 1, nullptr, 4, QuantizedRows{q.data(), &s, &bsum, K, 1});
+    CHECK(s == 0.0f && q[3] == 0, "tiny row must quantize to zero");
+    (void)bs;
+  }
+  // TokenPrune selection.
+  {
+    const double sc[8] = {0.0, 5.0, 1.0, 5.0, std::nan(""), 3.0, 9.0, -1.0};
+    int64_t out[8];
+    token_prune_select(sc, 8, 4, out);  // 0, 7 + best two of 1..6: 6 (9.0), then 1 (5.0, lower idx than 3)
+    CHECK(out[0] == 0 && out[1] == 1 && out[2] == 6 && out[3] == 7, "token_prune_select: %lld %lld %lld %lld",
+          (long long)out[0], (long long)out[1], (long long)out[2], (long long)out[3]);
+    token_prune_select(sc, 8, 7, out);  // drops only the NaN token 4
+    CHECK(out[3] == 3 && out[4] == 5, "token_prune_select NaN ranks last");
+    CHECK(token_prune_keep_from_ratio(0.5f, 9) == 5, "keep ratio ceil");
+    CHECK(token_prune_keep_from_ratio(0.01f, 9) == 2, "keep ratio min 2");
+    CHECK(token_prune_keep_from_ratio(1.0f, 2) == 2 && token_prune_clamp_keep(1, 1) == 1, "T <= 2 keeps all");
+    CHECK(token_prune_clamp_keep(100, 10) == 10 && token_prune_clamp_keep(0, 10) == 2, "clamp keep");
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false;
+  std::string only;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--quick")) quick = true;
+    else if (!std::strcmp(argv[i], "--path") && i + 1 < argc) only = argv[++i];
+  }
+  spec_checks();
+
+  const KernelTable* paths[8];
+  const int n = available_kernels(paths, 8);
+  std::printf("active kernels: %s\n", active_kernels().name);
+#if defined(__x86_64__)
+  const char* compiled[] = {"avx512vnni", "avx2"};
+  const char* need[] = {"AVX512-VNNI", "AVX2+FMA"};
+#elif defined(__aarch64__) && defined(LLMFOLD_HAVE_ARM_KERNELS)
+  const char* compiled[] = {"i8mm", "dotprod", "neon"};
+  const char* need[] = {"i8mm", "dotprod", "NEON"};
+#else
+  const char* compiled[] = {"ref"};
+  const char* need[] = {"nothing"};
+#endif
+  for (size_t c = 0; c < sizeof(compiled) / sizeof(compiled[0]); ++c) {
+    bool avail = false;
+    for (int i = 0; i < n; ++i) avail = avail || !std::strcmp(paths[i]->name, compiled[c]);
+    if (!avail) std::printf("path %s: skipped: CPU lacks %s\n", compiled[c], need[c]);
+  }
+
+  std::vector<Case> cases = {
+      {1, 64, 16, 32, false, false, false, 0},   {1, 576, 1536, 32, false, true, false, 0},
+      {1, 100, 17, 32, true, true, true, 0},     {2, 77, 33, 16, true, false, false, 0},
+      {3, 130, 31, 64, false, true, true, 0},    {4, 256, 48, 128, true, true, false, 0},
+      {5, 300, 1, 256, true, false, true, 0},    {7, 96, 40, 32, false, true, false, 0},
+      {13, 200, 50, 32, true, true, true, 0},    {1, 40, 20, 16, true, true, false, 1},
+      {6, 96, 24, 32, false, false, false, 1},   {3, 70, 18, 32, true, true, false, 2},
+      {9, 64, 16, 16, false, true, true, 2},     {2, 128, 32, 64, true, false, false, 3},
+      {8, 64, 19, 32, false, true, false, 3},    {1, 64, 16, 32, true, false, false, 4},
+      {6, 128, 16, 32, false, false, false, 4},  {4, 512, 32, 256, true, true, false, 5},
+      {1, 512, 16, 256, true, false, false, 5},  {1, 1024, 64, 128, false, false, false, 5},
+      {2, 512, 16, 256, true, false, false, 6},  {5, 256, 32, 64, false, false, true, 6},
+      {4, 64, 16, 32, true, false, false, 6},    {1, 48, 16, 16, false, false, false, 6},
+  };
+  if (!quick) {
+    cases.push_back({64, 576, 96, 32, false, true, false, 0});
+    cases.push_back({33, 1000, 70, 64, true, true, true, 0});
+    cases.push_back({128, 256, 64, 32, true, false, false, 5});
+    cases.push_back({600, 64, 600, 32, true, true, false, 0});    // A16: several tile groups
+    cases.push_back({42, 4096, 24, 64, false, true, true, 0});    // int: several row blocks
+  }
+  std::mt19937_64 rng(1234);
+  int tested = 0;
+  for (int i = 0; i < n; ++i) {
+    const KernelTable& kt = *paths[i];
+    if (!std::strcmp(kt.name, "ref")) continue;
+    if (!only.empty() && only != kt.name) continue;
+    const int before = g_failures;
+    for (const Case& c : cases) run_case(kt, c, rng);
+    std::printf("path %s: %s (%zu cases)\n", kt.name, g_failures == before ? "ok" : "FAILED", cases.size());
+    ++tested;
+  }
+  // The ref table against itself still exercises the harness (and is all a plain build has).
+  if (tested == 0) {
+    for (const Case& c : cases) run_case(ref_kernels(), c, rng);
+    std::printf("path ref: %s\n", g_failures ? "FAILED" : "ok");
+  }
+  std::printf("%d checks, %d failures\n", g_checks, g_failures);
+  return g_failures ? 1 : 0;
+}

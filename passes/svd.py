@@ -1,0 +1,1081 @@
+"""SVD-LLM: truncation-aware whitened low-rank pairs, closed-form refit, budgeted ranks.
+
+Orientation (ONNX): a linear layer computes Y = X·W with X [T, K] (tokens × input channels) and
+W [K, N]. The pass replaces  MatMul(X, W)  by  MatMul(MatMul(X, W₁), W₂)  with W₁ [K, k] and
+W₂ [k, N]; the pair stores k(K+N) numbers instead of KN and saves parameters iff k < KN/(K+N).
+
+Whitened truncation (Wang et al., ICLR 2025, Theorem 3.2 in our orientation)
+----------------------------------------------------------------------------
+Let G = XᵀX (float64, from calibration) = S·Sᵀ with S lower triangular (Cholesky). For any W'
+
+    ‖X·W − X·W'‖_F² = tr((W−W')ᵀ G (W−W')) = ‖Sᵀ(W − W')‖_F².                            (1)
+
+Take the SVD SᵀW = U·Σ·Vᵀ and keep the k largest singular values:
+
+    W₁ = S⁻ᵀ·U_k·Σ_k^½   (K×k),      W₂ = Σ_k^½·V_kᵀ   (k×N),
+
+so Sᵀ·W₁W₂ = U_kΣ_kV_kᵀ, the best rank-k approximation of SᵀW (Eckart–Young). By (1):
+
+    THEOREM  ‖X·W − X·W₁W₂‖_F² = ‖SᵀW − U_kΣ_kV_kᵀ‖_F² = Σ_{i>k} σ_i²,
+
+every discarded singular value costs exactly its square in output error, and no rank-k matrix
+does better on this calibration set (S is invertible, so W' ↦ SᵀW' is a bijection of rank-k
+matrices). Plain SVD (the ablation, `whiten = false`) is the same with S = I: it minimizes
+‖W − W'‖ and says nothing about the output. If G is not positive definite (dead channels,
+fewer tokens than K, rounding) Cholesky fails; we shift G by (−λ_min + ε·mean(diag G))·I, which
+makes it PD, and log the shift (SVD-LLM's released code fails here on 13B models).
+
+Closed-form update: reduced-rank regression against the original outputs
+-------------------------------------------------------------------------
+Compressing layer after layer shifts the inputs: layer ℓ sees X̃ (produced by the already
+compressed upstream model) instead of X. The target stays the original output T = X·W (for the
+two layers that write the residual stream, o and down, optionally T = X·W + R − R̃ with R / R̃
+the residual stream of the original / compressed model, so the layer also cancels the upstream
+error already in the residual; `residual_target`). Minimize over rank-k W':
+
+    ‖X̃·W' − T‖_F².
+
+With G̃ = X̃ᵀX̃ = S̃S̃ᵀ and B = X̃ᵀT, the unconstrained least-squares
+solution is W* = G̃⁻¹B, and the residual T − X̃W* is orthogonal to the columns of X̃, so
+
+    ‖X̃W' − T‖² = ‖X̃W* − T‖² + ‖S̃ᵀ(W' − W*)‖²,
+
+i.e. the best rank-k W' is the whitened truncation (metric S̃) of W*: SVD of S̃ᵀW* = S̃⁻¹B, then
+W₁ = S̃⁻ᵀU_kΣ_k^½, W₂ = Σ_k^½V_kᵀ as above (`refit = "both"`; exact optimum). The paper's
+variant keeps W₂ and solves least squares for W₁ alone (`refit = "w1"`):
+W₁ = G̃⁻¹·B·W₂ᵀ(W₂W₂ᵀ)⁻¹. Without the shift (X̃ = X, δ = 0, residual_target off) both reduce to
+the whitened truncation of W.
+
+Regularization: directions of the input space that calibration barely excites are fitted from
+almost no data. We therefore minimize ‖X̃W' − T‖² + δ‖W' − W‖² (a ridge toward the original weight,
+not toward zero), which is the same problem with statistics G̃ + δI and B + δW; δ = damp·mean(diag G̃)
+plus whatever positive-definite repair G̃ needed. Where X̃ = X exactly, W* = (G + δI)⁻¹(G + δI)W = W
+for any δ, so full rank stays exact even when XᵀX is singular.
+
+The statistics this needs, G̃ = X̃ᵀX̃ and the cross term X̃ᵀX (B = X̃ᵀX·W, plus X̃ᵀ(R − R̃) for the
+residual target), pair every calibration token's input in the compressed model with the same
+token's input in the original model. We get them exactly and with bounded memory by running the
+two models side by side one decoder block at a time (`BlockRunner`): the residual stream entering
+the current block is kept for every calibration token for both models ([tokens, hidden] float32
+each, 2 × 38 MB for SmolLM2 at 32×512), the block's subgraph (extracted from the *current*
+graph, so it includes every layer already compressed) is run in ONNX Runtime on those states,
+and the sums are accumulated batch by batch (float32 products of ≤ 2048 tokens, float64 sums).
+Inside a block the layers are compressed in dataflow order (q/k/v, then o, then gate/up, then
+down); before each stage the current graph is run from the values already computed for this block
+(the block input, earlier stages' inputs, the mid-block residual — each reused only if it does not
+depend on a layer still to be rewritten), so every layer's X̃ comes from a graph in which
+everything upstream, including earlier layers of the same block, is already compressed, and the
+compressed block costs one block forward in total. Memory: the block's tapped activations for all
+calibration tokens, original and compressed (≈ 0.5 GB for SmolLM2 at 32×512), plus O(K²) sums.
+Cost: about one forward of the original and one of the compressed decoder over the calibration
+set, plus the Gram products and one SVD per layer.
+
+Rank allocation
+---------------
+`uniform` (the paper): every selected layer gets k = ⌊(1−r)·K·N/(K+N)⌋ (at least min_rank); a layer
+where that pair would not save parameters stays dense. `budgeted`: the same total number of
+parameters removed (≥ the uniform allocation's saving), spent where it costs least. The cost of
+rank k in layer ℓ is its normalized truncation loss Σ_{i>k} σ_i² / Σ_i σ_i² (the relative output
+error of the layer, so layers of different output scale compare), measured on the original model's
+statistics. Choosing one option per layer (dense, or a rank that saves parameters) is a
+multiple-choice knapsack; we solve its Lagrangian relaxation exactly (each layer minimizes
+loss − λ·saving, bisection on λ for the smallest λ meeting the budget) and then hand the
+overshoot back greedily (largest loss reduction first) while the budget still holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from compiler.errors import UserError
+from passes.base import CompilerPass, register_pass
+
+# ---------------------------------------------------------------------------------------------
+# linear algebra (float64; LAPACK calls through torch, whose CPU LAPACK is several times faster
+# than numpy's bundled one here, e.g. SVD of 576×1536: 0.5 s vs 8 s of CPU)
+
+
+def _t(a: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+
+
+@contextlib.contextmanager
+def _lapack():
+    """torch with one thread for the call: these factorizations are at most 1536², and torch's
+    OpenMP team costs far more than it gains at that size when the cores are shared (measured
+    30× slower for small SVDs). The caller's thread count is restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield torch
+    finally:
+        torch.set_num_threads(before)
+
+
+def _cholesky(G: np.ndarray) -> np.ndarray | None:
+    """Lower Cholesky factor, or None when G is not (numerically) positive definite."""
+    with _lapack() as torch:
+        L, info = torch.linalg.cholesky_ex(_t(G))
+    return None if int(info) != 0 else L.numpy()
+
+
+def _svd(M: np.ndarray):
+    with _lapack() as torch:
+        U, s, Vt = torch.linalg.svd(_t(M), full_matrices=False)
+    return U.numpy(), s.numpy(), Vt.numpy()
+
+
+def _svdvals(M: np.ndarray) -> np.ndarray:
+    with _lapack() as torch:
+        return torch.linalg.svdvals(_t(M)).numpy()
+
+
+def _solve_triangular(L: np.ndarray, B: np.ndarray, upper: bool) -> np.ndarray:
+    with _lapack() as torch:
+        return torch.linalg.solve_triangular(_t(L), _t(B), upper=upper).numpy()
+
+
+def _smallest_eigenvalue(G: np.ndarray) -> float:
+    with _lapack() as torch:
+        return float(torch.linalg.eigvalsh(_t(G))[0])
+
+
+@dataclass
+class Whitening:
+    """S with G + shift·I = S·Sᵀ (S lower triangular); shift = 0 when G was positive definite."""
+
+    S: np.ndarray
+    shift: float
+
+
+def whiten_cholesky(
+    gram: np.ndarray,
+    eps: float = 1e-6,
+    damp: float = 0.0,
+    log: Callable[[str], None] | None = None,
+    name: str = "",
+) -> Whitening:
+    """Cholesky factor of the Gram matrix XᵀX, shifted to positive definite if needed.
+
+    `damp` adds damp·mean(diag) to the diagonal up front (a ridge term, not a repair; not logged).
+    If Cholesky still fails, shift by the smallest eigenvalue plus eps·mean(diag) (ε grows ×10 if
+    rounding still defeats it) and report the shift through `log`.
+    """
+    G = np.asarray(gram, np.float64)
+    G = (G + G.T) * 0.5
+    scale = float(np.mean(np.diag(G)))
+    if not np.isfinite(scale):
+        raise ValueError(f"statistics of {name or 'a layer'} are not finite")
+    if scale <= 0.0:
+        scale = 1.0  # an all-zero input: any PD shift works, keep it O(1)
+    shift = damp * scale if damp > 0 else 0.0
+    if shift:
+        G = G + shift * np.eye(len(G))
+    S = _cholesky(G)
+    if S is not None:
+        return Whitening(S, shift)
+    lam_min = _smallest_eigenvalue(G)
+    extra_eps = eps
+    for _ in range(8):
+        extra = max(-lam_min, 0.0) + extra_eps * scale
+        S = _cholesky(G + extra * np.eye(len(G)))
+        if S is None:
+            extra_eps *= 10.0
+            continue
+        if log is not None:
+            log(
+                f"{name or 'layer'}: XᵀX not positive definite (smallest eigenvalue {lam_min:.3g}); "
+                f"shifted the diagonal by {extra:.3g} (= -λ_min + {extra_eps:g}·mean(diag))"
+            )
+        return Whitening(S, shift + extra)
+    raise ValueError(f"cannot make the Gram matrix of {name or 'a layer'} positive definite")
+
+
+@dataclass
+class LowRankFactors:
+    """W ≈ W1·W2 with W1 [K, k], W2 [k, N]; `sigma` the full spectrum of the fitted matrix."""
+
+    W1: np.ndarray
+    W2: np.ndarray
+    sigma: np.ndarray  # all singular values of SᵀW (whitened) or W (plain), descending
+
+    @property
+    def rank(self) -> int:
+        return self.W1.shape[1]
+
+    @property
+    def discarded_energy(self) -> float:
+        """Σ of the discarded σ²: the calibration output error of the truncation (theorem)."""
+        return float(np.sum(self.sigma[self.rank :] ** 2))
+
+
+def _solve_upper(St: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """S⁻ᵀ·B for S lower triangular (St = Sᵀ upper triangular)."""
+    return _solve_triangular(St, B, upper=True)
+
+
+def _factors_from_svd(U, sigma, Vt, k, St: np.ndarray | None) -> LowRankFactors:
+    root = np.sqrt(sigma[:k])
+    left = U[:, :k] * root
+    W1 = left if St is None else _solve_upper(St, left)
+    W2 = root[:, None] * Vt[:k]
+    return LowRankFactors(W1, W2, sigma)
+
+
+def truncate_whitened(W: np.ndarray, S: np.ndarray | None, rank: int) -> LowRankFactors:
+    """Rank-`rank` pair minimizing ‖X·W − X·W₁W₂‖ where XᵀX = S·Sᵀ (S = None: plain SVD of W)."""
+    W = np.asarray(W, np.float64)
+    k = _check_rank(rank, *W.shape)
+    if S is None:
+        U, sigma, Vt = _svd(W)
+        return _factors_from_svd(U, sigma, Vt, k, None)
+    St = np.asarray(S, np.float64).T
+    U, sigma, Vt = _svd(St @ W)
+    return _factors_from_svd(U, sigma, Vt, k, St)
+
+
+def whitened_spectrum(W: np.ndarray, S: np.ndarray | None) -> np.ndarray:
+    """Singular values of SᵀW (or of W when S is None), descending."""
+    W = np.asarray(W, np.float64)
+    M = W if S is None else np.asarray(S, np.float64).T @ W
+    return _svdvals(M)
+
+
+def reduced_rank_fit(S_in: np.ndarray, B: np.ndarray, rank: int) -> LowRankFactors:
+    """argmin over rank-k W' of ‖X̃·W' − T‖_F², given X̃ᵀX̃ = S̃S̃ᵀ (S_in) and B = X̃ᵀT.
+
+    W* = (S̃S̃ᵀ)⁻¹B is the unconstrained solution and S̃ᵀW* = S̃⁻¹B; truncating its SVD in the S̃
+    metric is optimal (see the module docstring). `sigma` is the spectrum of S̃⁻¹B.
+    """
+    S_in = np.asarray(S_in, np.float64)
+    B = np.asarray(B, np.float64)
+    k = _check_rank(rank, *B.shape)
+    M = _solve_triangular(S_in, B, upper=False)  # S̃⁻¹B = S̃ᵀW*
+    U, sigma, Vt = _svd(M)
+    return _factors_from_svd(U, sigma, Vt, k, S_in.T)
+
+
+def refit_first_factor(S_in: np.ndarray, B: np.ndarray, W2: np.ndarray) -> np.ndarray:
+    """argmin over W₁ of ‖X̃·W₁·W₂ − T‖_F² with W₂ fixed (the paper's update), X̃ᵀX̃ = S̃S̃ᵀ, B = X̃ᵀT.
+
+    Normal equations: G̃·W₁·(W₂W₂ᵀ) = B·W₂ᵀ  ⇒  W₁ = S̃⁻ᵀS̃⁻¹·B·W₂ᵀ·(W₂W₂ᵀ)⁻¹.
+    """
+    S_in = np.asarray(S_in, np.float64)
+    W2 = np.asarray(W2, np.float64)
+    rhs = np.asarray(B, np.float64) @ W2.T
+    rhs = np.linalg.solve(W2 @ W2.T, rhs.T).T  # · (W₂W₂ᵀ)⁻¹ (symmetric, k×k)
+    return _solve_triangular(S_in.T, _solve_triangular(S_in, rhs, upper=False), upper=True)
+
+
+def _check_rank(rank: int, K: int, N: int) -> int:
+    if not (1 <= rank <= min(K, N)):
+        raise ValueError(f"rank {rank} outside [1, min(K, N) = {min(K, N)}]")
+    return int(rank)
+
+
+# ---------------------------------------------------------------------------------------------
+# rank allocation
+
+
+def pair_parameters(K: int, N: int, rank: int) -> int:
+    return rank * (K + N)
+
+
+def saves_parameters(K: int, N: int, rank: int) -> bool:
+    """Does a rank-`rank` pair store fewer numbers than the dense K×N matrix?"""
+    return pair_parameters(K, N, rank) < K * N
+
+
+def max_saving_rank(K: int, N: int) -> int:
+    """The largest rank whose pair still saves parameters (0 if none does)."""
+    return (K * N - 1) // (K + N)
+
+
+def uniform_rank(K: int, N: int, ratio: float) -> int:
+    """The paper's per-layer rank for removing a fraction `ratio` of the layer's parameters."""
+    return math.floor((1.0 - ratio) * K * N / (K + N) + 1e-9)
+
+
+@dataclass
+class LayerShape:
+    name: str
+    K: int
+    N: int
+
+
+def allocate_uniform(layers: list[LayerShape], ratio: float, min_rank: int = 1) -> dict[str, int | None]:
+    """name → rank (None: the layer stays dense because its pair would not save parameters)."""
+    out: dict[str, int | None] = {}
+    for lay in layers:
+        k = min(max(uniform_rank(lay.K, lay.N, ratio), min_rank), min(lay.K, lay.N))
+        out[lay.name] = k if saves_parameters(lay.K, lay.N, k) else None
+    return out
+
+
+def allocation_saving(layers: list[LayerShape], ranks: dict[str, int | None]) -> int:
+    """Parameters removed by an allocation, relative to all layers dense."""
+    return sum(
+        lay.K * lay.N - pair_parameters(lay.K, lay.N, ranks[lay.name])
+        for lay in layers
+        if ranks.get(lay.name) is not None
+    )
+
+
+def normalized_tail_losses(sigma: np.ndarray) -> np.ndarray:
+    """loss[k] = Σ_{i≥k} σ_i² / Σ σ_i² for k = 0..len(σ): the relative error of keeping rank k."""
+    e = np.asarray(sigma, np.float64) ** 2
+    tail = np.concatenate([np.cumsum(e[::-1])[::-1], [0.0]])
+    total = tail[0]
+    return tail / total if total > 0 else np.zeros_like(tail)
+
+
+def allocation_loss(ranks: dict[str, int | None], spectra: dict[str, np.ndarray]) -> float:
+    """Σ over factorized layers of the normalized truncation loss."""
+    return float(
+        sum(normalized_tail_losses(spectra[n])[k] for n, k in ranks.items() if k is not None)
+    )
+
+
+def allocate_budgeted(
+    layers: list[LayerShape],
+    spectra: dict[str, np.ndarray],
+    saving_target: int,
+    min_rank: int = 1,
+) -> dict[str, int | None]:
+    """Ranks removing ≥ saving_target parameters at the least total normalized truncation loss.
+
+    Options per layer: dense (saving 0, loss 0) or rank k ∈ [min_rank, max_saving_rank] (saving
+    KN − k(K+N), loss Σ_{i≥k}σ_i²/Σσ_i²). Lagrangian relaxation with bisection on λ, then the
+    surplus saving is handed back greedily. Raises ValueError if the target is unreachable.
+    """
+    options = []  # per layer: (ranks array, savings array, losses array)
+    for lay in layers:
+        kmax = min(max_saving_rank(lay.K, lay.N), len(spectra[lay.name]))
+        ks = np.arange(min_rank, kmax + 1)
+        if len(ks) == 0:
+            options.append((ks, np.zeros(0), np.zeros(0)))
+            continue
+        savings = lay.K * lay.N - ks * (lay.K + lay.N)
+        losses = normalized_tail_losses(spectra[lay.name])[ks]
+        options.append((ks, savings.astype(np.float64), losses))
+    best_possible = sum(float(s.max()) if len(s) else 0.0 for _, s, _ in options)
+    if saving_target > best_possible:
+        raise ValueError(f"cannot remove {saving_target} parameters (at most {int(best_possible)} at min_rank)")
+    if saving_target <= 0:
+        return {lay.name: None for lay in layers}
+
+    def choose(lam: float) -> tuple[list[int], float]:
+        picks, total = [], 0.0
+        for ks, savings, losses in options:
+            if len(ks) == 0:
+                picks.append(-1)
+                continue
+            cost = losses - lam * savings
+            i = int(np.argmin(cost))
+            if cost[i] < 0.0:  # better than staying dense (cost 0)
+                picks.append(i)
+                total += savings[i]
+            else:
+                picks.append(-1)
+        return picks, total
+
+    lo, hi = 0.0, 1e-12
+    while choose(hi)[1] < saving_target:
+        hi *= 4.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if choose(mid)[1] >= saving_target:
+            hi = mid
+        else:
+            lo = mid
+    picks, total = choose(hi)
+
+    # hand the surplus back: moves that lower the loss while the target still holds
+    surplus = total - saving_target
+    while True:
+        best = None  # (loss reduction, layer index, new pick)
+        for li, (ks, savings, losses) in enumerate(options):
+            i = picks[li]
+            if i < 0:
+                continue
+            cur_s, cur_l = savings[i], losses[i]
+            # raise the rank by the largest step that fits (losses fall as rank grows)
+            fits = np.nonzero(cur_s - savings[i:] <= surplus)[0]
+            if len(fits):
+                j = i + int(fits.max())
+                gain = cur_l - losses[j]
+                if j != i and (best is None or gain > best[0]):
+                    best = (gain, li, j)
+            if cur_s <= surplus and (best is None or cur_l > best[0]):
+                best = (cur_l, li, -1)  # back to dense
+        if best is None or best[0] <= 0.0:
+            swap = _best_swap(options, picks, surplus)
+            if swap is None:
+                break
+            (li, i_new), (lj, j_new) = swap
+            surplus += (savings_of(options, li, i_new) - savings_of(options, li, picks[li]))
+            surplus += (savings_of(options, lj, j_new) - savings_of(options, lj, picks[lj]))
+            picks[li], picks[lj] = i_new, j_new
+            continue
+        gain, li, j = best
+        ks, savings, losses = options[li]
+        surplus -= savings[picks[li]] - (savings[j] if j >= 0 else 0.0)
+        picks[li] = j
+    return {
+        lay.name: (int(options[li][0][picks[li]]) if picks[li] >= 0 else None)
+        for li, lay in enumerate(layers)
+    }
+
+
+def savings_of(options, li: int, pick: int) -> float:
+    return float(options[li][1][pick]) if pick >= 0 else 0.0
+
+
+def losses_of(options, li: int, pick: int) -> float:
+    return float(options[li][2][pick]) if pick >= 0 else 0.0
+
+
+def _best_swap(options, picks, surplus: float, tol: float = 1e-12):
+    """The best pair of one-step moves (one layer's rank +1, another's −1) that keeps the budget.
+
+    Fills the Lagrangian's duality gap on coarse problems; returns None when no swap lowers the
+    total loss.
+    """
+    ups, downs = [], []  # (layer, new pick, saving change, loss change)
+    for li, (ks, savings, losses) in enumerate(options):
+        i = picks[li]
+        if i < 0:
+            continue
+        if i + 1 < len(ks):
+            ups.append((li, i + 1, savings[i + 1] - savings[i], losses[i + 1] - losses[i]))
+        if i - 1 >= 0:
+            downs.append((li, i - 1, savings[i - 1] - savings[i], losses[i - 1] - losses[i]))
+    if not ups or not downs:
+        return None
+    up = np.array([(u[2], u[3]) for u in ups])
+    down = np.array([(d[2], d[3]) for d in downs])
+    ds = up[:, 0][:, None] + down[:, 0][None, :]  # saving change of the pair
+    dl = up[:, 1][:, None] + down[:, 1][None, :]  # loss change of the pair
+    same = np.array([u[0] for u in ups])[:, None] == np.array([d[0] for d in downs])[None, :]
+    dl = np.where((surplus + ds >= 0) & ~same, dl, np.inf)
+    a, b = np.unravel_index(int(np.argmin(dl)), dl.shape)
+    if not dl[a, b] < -tol:
+        return None
+    return (ups[a][0], ups[a][1]), (downs[b][0], downs[b][1])
+
+
+# ---------------------------------------------------------------------------------------------
+# parameters
+
+
+@dataclasses.dataclass
+class SvdParams:
+    """Recipe keys of the svd pass."""
+
+    ratio: float = 0.2  # fraction of the selected layers' parameters to remove
+    allocation: Literal["uniform", "budgeted"] = "uniform"
+    whiten: bool = True  # false: plain SVD of W (the ablation)
+    update: bool = True  # closed-form refit against the original outputs, in model order
+    refit: Literal["both", "w1"] = "both"  # both factors (reduced-rank regression) | W₁ only (paper)
+    residual_target: bool = False  # o/down also cancel the residual-stream error of the upstream
+    damp: float = 0.0  # refit ridge toward W: + δ‖W' − W‖², δ = damp·mean(diag G̃)
+    include: list[str] = dataclasses.field(default_factory=lambda: ["*"])  # layer-name globs
+    exclude: list[str] = dataclasses.field(default_factory=list)
+    min_rank: int = 1
+    rank: int | None = None  # a fixed rank for every selected layer (clamped to min(K, N)); overrides ratio
+    eps: float = 1e-6  # the positive-definite repair's ε (relative to mean(diag XᵀX))
+
+    def validate(self) -> None:
+        if not (0.0 <= self.ratio < 1.0):
+            raise UserError(f"ratio must be in [0, 1) (the fraction of parameters to remove), got {self.ratio}")
+        if self.min_rank < 1:
+            raise UserError(f"min_rank must be at least 1, got {self.min_rank}")
+        if self.rank is not None and self.rank < 1:
+            raise UserError(f"rank must be at least 1, got {self.rank}")
+        if self.rank is not None and self.allocation != "uniform":
+            raise UserError("a fixed rank and allocation = \"budgeted\" exclude each other; drop one of them")
+        if not (0.0 <= self.damp < 1.0):
+            raise UserError(f"damp must be in [0, 1) (a fraction of the mean diagonal), got {self.damp}")
+        if not (0.0 < self.eps < 1.0):
+            raise UserError(f"eps must be in (0, 1), got {self.eps}")
+        if not self.include:
+            raise UserError("include must name at least one layer pattern, e.g. [\"*\"] or [\"layers.*.gate\"]")
+        for p in list(self.include) + list(self.exclude):
+            if not p:
+                raise UserError("include/exclude patterns must be non-empty globs like \"layers.*.q\"")
+        if self.residual_target and not self.update:
+            raise UserError("residual_target needs update = true (it changes the refit's target)")
+
+    def selects(self, layer: str) -> bool:
+        return any(fnmatch.fnmatchcase(layer, p) for p in self.include) and not any(
+            fnmatch.fnmatchcase(layer, p) for p in self.exclude
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# the graph: low-rank rewrite, block subgraphs run in ONNX Runtime
+
+
+def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
+    values: dict[str, ir.Value] = {v.name: v for v in model.graph.inputs}
+    values.update(model.graph.initializers)
+    for node in model.graph:
+        for out in node.outputs:
+            if out.name:
+                values[out.name] = out
+    return values
+
+
+def replace_with_low_rank(model: ir.Model, node_name: str, layer: str, W1: np.ndarray, W2: np.ndarray) -> tuple[str, str]:
+    """MatMul(X, W) → MatMul(MatMul(X, W₁), W₂); the output keeps its name, W leaves the graph.
+
+    New nodes `{node}_lowrank_1/2`, initializers `{W}.lowrank_1/2`, both nodes tagged with
+    metadata_props["llmfold.layer"] = layer. Returns the two initializer names.
+    """
+    node = next((n for n in model.graph if n.name == node_name), None)
+    if node is None or node.op_type != "MatMul" or len(node.inputs) != 2:
+        raise ValueError(f"{layer}: node {node_name!r} is not a MatMul in the current graph")
+    x, w = node.inputs
+    if w is None or w.const_value is None:
+        raise ValueError(f"{layer}: {node_name} has no constant weight")
+    K, N = w.const_value.shape
+    if W1.shape[0] != K or W2.shape[1] != N or W1.shape[1] != W2.shape[0]:
+        raise ValueError(f"{layer}: factors {W1.shape}·{W2.shape} do not match the weight [{K}, {N}]")
+    if not (np.all(np.isfinite(W1)) and np.all(np.isfinite(W2))):
+        raise ValueError(f"{layer}: refusing to write non-finite factors")
+    dtype = w.const_value.dtype.numpy()
+    names = []
+    for i, arr in ((1, W1), (2, W2)):
+        name = f"{w.name}.lowrank_{i}"
+        while name in model.graph.initializers:
+            name += "_"
+        arr = np.ascontiguousarray(arr.astype(dtype))
+        tensor = ir.Tensor(arr, name=name)
+        model.graph.register_initializer(
+            ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+        )
+        names.append(name)
+    old_out = node.outputs[0]
+    out_name = old_out.name
+    meta = {"llmfold.layer": layer}
+    first = ir.Node("", "MatMul", [x, model.graph.initializers[names[0]]], name=f"{node_name}_lowrank_1",
+                    metadata_props=dict(meta))
+    first.outputs[0].name = f"{node_name}_lowrank_1/output_0"
+    first.outputs[0].type = old_out.type
+    second = ir.Node("", "MatMul", [first.outputs[0], model.graph.initializers[names[1]]],
+                     name=f"{node_name}_lowrank_2", metadata_props=dict(meta))
+    second.outputs[0].type = old_out.type
+    second.outputs[0].shape = old_out.shape
+    model.graph.insert_before(node, [first, second])
+    was_output = old_out.is_graph_output()
+    old_out.replace_all_uses_with(second.outputs[0], replace_graph_outputs=True)
+    model.graph.remove(node, safe=True)
+    old_out.name = None
+    second.outputs[0].name = out_name
+    if not w.uses() and not w.is_graph_output() and w.name in model.graph.initializers:
+        model.graph.initializers.pop(w.name)
+    assert was_output == second.outputs[0].is_graph_output()
+    return names[0], names[1]
+
+
+def extract_subgraph(model: ir.Model, input_names: list[str], output_names: list[str]):
+    """An ONNX ModelProto computing `output_names` from those of `input_names` they depend on
+    (plus whatever graph inputs they still need, e.g. input_ids / attention_mask / past KV).
+
+    Only the nodes the outputs need are kept, with their initializers copied in (a block's worth),
+    so one decoder block can be run on cached residual states."""
+    import onnx
+
+    values = _values_by_name(model)
+    missing = [n for n in list(input_names) + list(output_names) if n not in values]
+    if missing:
+        raise ValueError(f"values {missing} are not in the graph")
+    stop = set(input_names)
+    reached: set[str] = set()
+    needed: set[int] = set()
+    inits: dict[str, ir.Value] = {}
+    graph_inputs: set[str] = set()
+    stack = [values[n] for n in output_names]
+    seen: set[int] = set()
+    while stack:
+        v = stack.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if v.name in stop:
+            reached.add(v.name)
+            continue
+        if v.name in model.graph.initializers and v.const_value is not None:
+            inits[v.name] = v
+            continue
+        if v.is_graph_input():
+            graph_inputs.add(v.name)
+            continue
+        node = v.producer()
+        if node is None:
+            raise ValueError(f"value {v.name!r} has no producer")
+        needed.add(id(node))
+        stack.extend(node.inputs)
+    nodes = [n for n in model.graph if id(n) in needed]
+
+    def value_info(v: ir.Value):
+        vi = ir.serde.serialize_value(v)
+        if not vi.type.HasField("tensor_type"):
+            vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        return vi
+
+    ordered_inputs = [values[n] for n in input_names if n in reached]
+    ordered_inputs += [v for v in model.graph.inputs if v.name in graph_inputs]
+    graph = onnx.helper.make_graph(
+        [ir.serde.serialize_node(n) for n in nodes],
+        "llmfold_svd_subgraph",
+        [value_info(v) for v in ordered_inputs],
+        [value_info(values[n]) for n in output_names],
+        initializer=[onnx.numpy_helper.from_array(v.const_value.numpy(), v.name) for v in inits.values()],
+    )
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+    proto = onnx.helper.make_model(graph, opset_imports=opsets)
+    proto.ir_version = 10
+    return proto
+
+
+class SubgraphRunner:
+    """Runs extracted subgraphs of the current graph on calibration windows, in batches."""
+
+    def __init__(self, windows: np.ndarray, threads: int | None, kv_shape: tuple[int, int], tokens_per_run: int = 2048):
+        self.windows = np.asarray(windows, np.int64)
+        self.threads = threads
+        self.kv_shape = kv_shape
+        W, T = self.windows.shape
+        self.batch = max(1, min(W, tokens_per_run // T))
+
+    def batches(self):
+        W = len(self.windows)
+        for start in range(0, W, self.batch):
+            yield slice(start, min(W, start + self.batch))
+
+    def session(self, model: ir.Model, input_names: list[str], output_names: list[str]):
+        from compiler.runtime import create_session, uses_custom_domain
+
+        proto = extract_subgraph(model, input_names, output_names)
+        sess = create_session(proto.SerializeToString(), self.threads, uses_custom_domain(proto))
+        return sess
+
+    def run(self, sess, window_slice: slice, state_feeds: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
+        """Run on windows `window_slice`; state_feeds: value → array over all windows [W, T, ...]."""
+        ids = self.windows[window_slice]
+        B, T = ids.shape
+        feeds = {}
+        for inp in sess.get_inputs():
+            name = inp.name
+            if name in state_feeds:
+                feeds[name] = state_feeds[name][window_slice]
+                continue
+            if name == "input_ids":
+                feeds[name] = ids
+            elif name == "attention_mask":
+                feeds[name] = np.ones((B, T), np.int64)
+            elif name == "position_ids":
+                feeds[name] = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()
+            elif name.startswith("past_key_values."):
+                shape = list(inp.shape)
+                heads = shape[1] if len(shape) == 4 and isinstance(shape[1], int) else self.kv_shape[0]
+                dim = shape[3] if len(shape) == 4 and isinstance(shape[3], int) else self.kv_shape[1]
+                feeds[name] = np.zeros((B, heads, 0, dim), np.float32)
+            else:
+                raise ValueError(f"the block subgraph needs graph input {name!r}, which calibration cannot provide")
+        return sess.run(output_names, feeds)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pass
+
+
+@dataclass
+class _Stage:
+    """Selected layers of one block that read the same input value (q/k/v, o, gate/up, down)."""
+
+    input: str
+    layers: list  # compiler.structure.Linear
+    partners: dict[str, str]  # layer name → the residual value its output is added to
+
+
+@dataclass
+class _Acc:
+    """Per-stage calibration sums over all windows (float64)."""
+
+    K: int
+    gram_tilde: np.ndarray  # X̃ᵀX̃
+    gram: np.ndarray | None  # XᵀX (without update, or for refit = "w1")
+    cross: np.ndarray | None  # X̃ᵀX (when cheaper than per-layer X̃ᵀY)
+    cross_out: dict[str, np.ndarray]  # layer → X̃ᵀ(X·W) when `cross` is None
+    resid: dict[str, np.ndarray]  # layer → X̃ᵀ(R − R̃) (residual target)
+    weights: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # layer → W (float64)
+    sample_x: np.ndarray | None = None  # one batch of X and X̃ rows, for the error diagnostic
+    sample_xt: np.ndarray | None = None
+
+
+def _block_stages(model: ir.Model, block, selected: set[str]) -> list[_Stage]:
+    order = {node.name: i for i, node in enumerate(model.graph)}
+    values = _values_by_name(model)
+    residual_adds = {block.attention_residual_add, block.mlp_residual_add} - {None}
+    groups: dict[str, list] = {}
+    for lin in block.linears():
+        if lin.name in selected:
+            groups.setdefault(lin.input, []).append(lin)
+    stages = []
+    for inp, lins in groups.items():
+        partners = {}
+        for lin in lins:
+            out = values[lin.output]
+            uses = list(out.uses())
+            if len(uses) == 1 and uses[0].node.op_type == "Add" and uses[0].node.name in residual_adds:
+                other = [v for v in uses[0].node.inputs if v is not out]
+                if len(other) == 1 and other[0] is not None:
+                    partners[lin.name] = other[0].name
+        stages.append(_Stage(inp, lins, partners))
+
+    def position(stage: _Stage) -> int:
+        prod = values[stage.input].producer()
+        return order.get(prod.name, -1) if prod is not None else -1
+
+    return sorted(stages, key=position)
+
+
+def _stage_dependencies(model: ir.Model, block, stages: list[_Stage], value_names: list[str]) -> dict[str, int]:
+    """value → the highest index of a stage whose layers it depends on (−1: none of them).
+
+    A value computed for stage s may be reused by later stages only if it does not depend on a
+    layer of stage ≥ s (those are rewritten later)."""
+    values = _values_by_name(model)
+    node_stage = {}
+    for si, st in enumerate(stages):
+        for lin in st.layers:
+            for n in lin.nodes or [lin.node]:
+                node_stage[n] = si
+    out = {}
+    for name in value_names:
+        top, seen, stack = -1, set(), [values[name]]
+        while stack:
+            v = stack.pop()
+            if v is None or id(v) in seen or v.name == block.residual_in:
+                continue
+            seen.add(id(v))
+            node = v.producer()
+            if node is None:
+                continue
+            top = max(top, node_stage.get(node.name, -1))
+            stack.extend(node.inputs)
+        out[name] = top
+    return out
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else str(n)
+
+
+@register_pass
+class SvdPass(CompilerPass):
+    """SVD-LLM low-rank pairs for decoder linear layers (see the module docstring for the math).
+
+    Requires: the decoder structure (dense q/k/v/o/gate/up/down MatMuls) and calibration windows.
+    Changes: each selected dense MatMul(X, W) with an allocated rank k becomes
+    MatMul(MatMul(X, W₁[K,k]), W₂[k,N]); W leaves the graph. Exact only at full rank with
+    update = false (W₁W₂ = W up to fp32 rounding); otherwise a lossy compression whose calibration
+    output error per layer is recorded. Invalidates all calibration statistics.
+    """
+
+    name = "svd"
+    Params = SvdParams
+    description = "SVD-LLM: whitened low-rank pairs with closed-form update and budgeted ranks"
+
+    # -- rank allocation ---------------------------------------------------------------------
+    def _ranks(self, layers, spectra_fn) -> tuple[dict[str, int | None], dict[str, np.ndarray] | None]:
+        p = self.params
+        shapes = [LayerShape(lin.name, lin.K, lin.N) for lin in layers]
+        if p.rank is not None:
+            return {lin.name: min(p.rank, lin.K, lin.N) for lin in layers}, None
+        uniform = allocate_uniform(shapes, p.ratio, p.min_rank)
+        if p.allocation == "uniform":
+            return uniform, None
+        spectra = spectra_fn()
+        target = allocation_saving(shapes, uniform)
+        try:
+            ranks = allocate_budgeted(shapes, spectra, target, p.min_rank)
+        except ValueError as e:
+            raise UserError(f"svd: {e}; lower ratio or min_rank") from None
+        self.ctx.log(
+            f"budgeted ranks: normalized truncation loss {allocation_loss(ranks, spectra):.4g} "
+            f"vs uniform {allocation_loss(uniform, spectra):.4g} for the same {_fmt_params(target)} parameters removed"
+        )
+        return ranks, spectra
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        p, ctx = self.params, self.ctx
+        t_start = time.perf_counter()
+        structure = ctx.structure(model)
+        candidates = [lin for b in structure.blocks for lin in b.linears() if p.selects(lin.name)]
+        if not candidates:
+            raise UserError(
+                "svd: include/exclude select no decoder linear layer (names look like layers.3.q, "
+                "layers.*.gate); fix the patterns"
+            )
+        not_dense = [lin.name for lin in candidates if lin.kind != "dense" or lin.weight is None]
+        if not_dense:
+            ctx.log(f"skipping {len(not_dense)} layer(s) that are not dense MatMuls: {', '.join(not_dense[:6])}"
+                    + (" …" if len(not_dense) > 6 else ""))
+        layers = [lin for lin in candidates if lin.kind == "dense" and lin.weight is not None]
+        if not layers:
+            raise UserError("svd: none of the selected layers is a dense MatMul; run svd before int4")
+
+        need_stats = p.whiten or p.update
+        runner = None
+        if need_stats:
+            windows = ctx.calibration_windows()
+            runner = SubgraphRunner(windows, ctx.threads, (structure.num_kv_heads, structure.head_dim))
+
+        def spectra_fn():
+            if p.whiten:
+                return self._whitened_spectra(model, structure, layers, runner)
+            return {lin.name: whitened_spectrum(self._weight(model, lin), None) for lin in layers}
+
+        ranks, spectra = self._ranks(layers, spectra_fn)
+        todo = {name for name, k in ranks.items() if k is not None}
+        if not todo:
+            ctx.log("no selected layer would save parameters at this ratio; the graph is unchanged")
+            ctx.record(ratio=p.ratio, allocation=p.allocation, layers=[], params_removed=0)
+            return ir.passes.PassResult(model, False)
+
+        results: dict[str, dict] = {}
+        if need_stats:
+            self._compress_sequential(model, structure, layers, ranks, runner, results)
+        else:
+            for lin in layers:
+                k = ranks[lin.name]
+                if k is None:
+                    continue
+                f = truncate_whitened(self._weight(model, lin), None, k)
+                replace_with_low_rank(model, lin.node, lin.name, f.W1, f.W2)
+                total = float(np.sum(f.sigma**2))
+                results[lin.name] = {"weight_rel_error": f.discarded_energy / total if total else 0.0}
+        ctx.invalidate_stats()
+        ctx.invalidate_structure()
+
+        rows = []
+        before = after = 0
+        for lin in layers:
+            k = ranks[lin.name]
+            dense = lin.K * lin.N
+            kept = dense if k is None else pair_parameters(lin.K, lin.N, k)
+            before += dense
+            after += kept
+            row = {"layer": lin.name, "K": lin.K, "N": lin.N, "rank": k, "params": kept, "dense_params": dense}
+            if spectra is not None:
+                row["budget_loss"] = round(float(normalized_tail_losses(spectra[lin.name])[k or len(spectra[lin.name])]), 6)
+            row.update({key: round(v, 6) for key, v in results.get(lin.name, {}).items()})
+            rows.append(row)
+        seconds = time.perf_counter() - t_start
+        ctx.record(
+            ratio=p.ratio, allocation=p.allocation if p.rank is None else f"fixed rank {p.rank}",
+            whiten=p.whiten, update=p.update, refit=p.refit if p.update else None,
+            residual_target=p.residual_target, params_before=before, params_after=after,
+            removed_fraction=round(1 - after / before, 6), factorized=len(todo), seconds=round(seconds, 1),
+            layers=rows,
+        )
+        ctx.log(
+            f"{len(todo)} of {len(layers)} layers factorized; parameters {_fmt_params(before)} → "
+            f"{_fmt_params(after)} ({100 * (1 - after / before):.1f} % removed) in {seconds:.0f} s"
+        )
+        return ir.passes.PassResult(model, True)
+
+    # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _weight(model: ir.Model, lin) -> np.ndarray:
+        return np.asarray(model.graph.initializers[lin.weight].const_value.numpy(), np.float64)
+
+    def _initial_states(self, model, structure, runner) -> np.ndarray:
+        first = structure.blocks[0].residual_in
+        sess = runner.session(model, [], [first])
+        W, T = runner.windows.shape
+        states = None
+        for sl in runner.batches():
+            (r,) = runner.run(sess, sl, {}, [first])
+            if states is None:
+                states = np.empty((W, T, r.shape[-1]), np.float32)
+            states[sl] = r
+        return states
+
+    def _whitened_spectra(self, model, structure, layers, runner) -> dict[str, np.ndarray]:
+        """σ(SᵀW) of every layer with the original model's statistics (for budgeted ranks)."""
+        selected = {lin.name for lin in layers}
+        by_name = {lin.name: lin for lin in layers}
+        spectra: dict[str, np.ndarray] = {}
+        states = self._initial_states(model, structure, runner)
+        blocks = [b for b in structure.blocks]
+        last = max(b.index for b in blocks if any(l.name in selected for l in b.linears()))
+        with self.ctx.progress("svd: spectra for budgeted ranks", total=last + 1) as advance:
+            for b in blocks[: last + 1]:
+                stages = _block_stages(model, b, selected)
+                nxt = blocks[b.index + 1].residual_in if b.index + 1 < len(blocks) else None
+                outs = [s.input for s in stages] + ([nxt] if nxt and b.index < last else [])
+                sess = runner.session(model, [b.residual_in], outs)
+                grams = {s.input: None for s in stages}
+                new_states = np.empty_like(states) if len(outs) > len(stages) else None
+                for sl in runner.batches():
+                    got = runner.run(sess, sl, {b.residual_in: states}, outs)
+                    for s, x in zip(stages, got):
+                        x = x.reshape(-1, x.shape[-1])
+                        g = (x.T @ x).astype(np.float64)  # float32 GEMM per batch, float64 sum
+                        grams[s.input] = g if grams[s.input] is None else grams[s.input] + g
+                    if new_states is not None:
+                        new_states[sl] = got[-1]
+                for s in stages:
+                    S = whiten_cholesky(grams[s.input], self.params.eps, log=self.ctx.log, name=s.input).S
+                    for lin in s.layers:
+                        spectra[lin.name] = whitened_spectrum(self._weight(model, by_name[lin.name]), S)
+                states = new_states
+                advance(1, info=f"block {b.index}")
+        return spectra
+
+    def _compress_sequential(self, model, structure, layers, ranks, runner, results) -> None:
+        """Compress block by block in model order (module docstring, "Closed-form update").
+
+        Per block: one run of the original block on the original residual states (cached taps),
+        then per stage one run of the *current* graph computing only what the stage needs from
+        values already computed for this block (earlier stages' inputs, the mid-block residual),
+        so the compressed block costs about one block forward in total."""
+        p, ctx = self.params, self.ctx
+        selected = {lin.name for lin in layers if ranks[lin.name] is not None}
+        blocks = structure.blocks
+        last = max(b.index for b in blocks if any(l.name in selected for l in b.linears()))
+        orig_states = self._initial_states(model, structure, runner)
+        comp_states = orig_states.copy() if p.update else None
+        W, T = runner.windows.shape
+        with ctx.progress("svd: blocks", total=last + 1) as advance:
+            for b in blocks[: last + 1]:
+                t0 = time.perf_counter()
+                stages = _block_stages(model, b, selected)
+                nxt = blocks[b.index + 1].residual_in if b.index + 1 < len(blocks) and b.index < last else None
+                taps = [s.input for s in stages]
+                partner_values = sorted({v for s in stages for v in s.partners.values()} - {b.residual_in})
+                # 1. the original block (not yet rewritten) on the original states
+                outs = list(dict.fromkeys(taps + (partner_values if p.update else [])))
+                orig = self._materialize(model, runner, {b.residual_in: orig_states}, outs + ([nxt] if nxt else []))
+                new_orig = orig.pop(nxt) if nxt else None
+                orig[b.residual_in] = orig_states
+                # 2. stage by stage: statistics of the current graph, fit, rewrite
+                comp = {b.residual_in: comp_states} if p.update else None
+                deps = _stage_dependencies(model, b, stages, taps + partner_values) if p.update else {}
+                for si, stage in enumerate(stages):
+                    if p.update:
+                        want = [stage.input] + ([stage.partners[n] for n in sorted(stage.partners)] if p.residual_target else [])
+                        extra = [v for v in taps + partner_values if v not in comp and v not in want and deps.get(v, 99) < si]
+                        missing = [v for v in dict.fromkeys(want) if v not in comp]
+                        if missing:
+                            comp.update(self._materialize(model, runner, comp, missing + extra))
+                    acc = self._accumulate(stage, orig, comp, runner, model)
+                    for lin in stage.layers:
+                        results[lin.name] = self._fit_and_rewrite(model, lin, ranks[lin.name], acc)
+                # 3. advance the states
+                if nxt and p.update:
+                    comp_states = self._materialize(model, runner, comp, [nxt])[nxt]
+                orig_states = new_orig
+                del orig, comp
+                advance(1, info=f"block {b.index}: {time.perf_counter() - t0:.1f} s")
+
+    def _materialize(self, model, runner, known: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        """Values `outputs` of the current graph for every window, computed from `known` ones."""
+        sess = runner.session(model, list(known), outputs)
+        W, T = runner.windows.shape
+        out: dict[str, np.ndarray] = {}
+        for sl in runner.batches():
+            for name, x in zip(outputs, runner.run(sess, sl, known, outputs)):
+                if name not in out:
+                    out[name] = np.empty((W,) + x.shape[1:], np.float32)
+                out[name][sl] = x
+        return out
+
+    def _accumulate(self, stage: _Stage, orig, comp, runner, model) -> _Acc:
+        """Σ over windows of X̃ᵀX̃, X̃ᵀX (or X̃ᵀ·XW), X̃ᵀ(R − R̃) and XᵀX (when needed).
+
+        Products of one batch (≤ 2048 tokens) are formed in float32 (the GEMM cost dominates the
+        pass; relative rounding ~1e-7 per batch sum) and accumulated in float64."""
+        p = self.params
+        K = stage.layers[0].K
+        weights = {lin.name: self._weight(model, lin) for lin in stage.layers}
+        weights32 = {n: w.astype(np.float32) for n, w in weights.items()}
+        need_gram = (not p.update) or p.refit == "w1"
+        acc = _Acc(K, np.zeros((K, K)), np.zeros((K, K)) if need_gram else None, None, {}, {}, weights)
+        use_cross = K <= sum(lin.N for lin in stage.layers)
+        if p.update and use_cross:
+            acc.cross = np.zeros((K, K))
+        partners = stage.partners if (p.update and p.residual_target) else {}
+        first = True
+        for sl in runner.batches():
+            x = orig[stage.input][sl].reshape(-1, K)
+            if need_gram:
+                acc.gram += (x.T @ x).astype(np.float64)
+            if not p.update:
+                continue
+            xt = comp[stage.input][sl].reshape(-1, K)
+            acc.gram_tilde += (xt.T @ xt).astype(np.float64)
+            if acc.cross is not None:
+                acc.cross += (xt.T @ x).astype(np.float64)
+            else:
+                for lin in stage.layers:
+                    acc.cross_out[lin.name] = acc.cross_out.get(lin.name, 0.0) + (xt.T @ (x @ weights32[lin.name])).astype(np.float64)
+            for lname, rv in partners.items():
+                D = orig[rv].shape[-1]
+                d = orig[rv][sl].reshape(-1, D) - comp[rv][sl].reshape(-1, D)
+                acc.resid[lname] = acc.resid.get(lname, 0.0) + (xt.T @ d).astype(np.float64)
+            if first:  # a diagnostic sample for the per-layer output error
+                acc.sample_x, acc.sample_xt = x.astype(np.float64), xt.astype(np.float64)
+                first = False
+        return acc
+
+    def _fit_and_rewrite(self, model, lin, k: int, acc: _Acc) -> dict:
+        p, ctx = self.params, self.ctx
+        W = acc.weights[lin.name]
+        info: dict[str, float] = {}
+        if not p.update:
+            wh = whiten_cholesky(acc.gram, p.eps, damp=p.damp, log=ctx.log, name=lin.name) if p.whiten else None
+            f = truncate_whitened(W, wh.S if wh else None, k)
+            W1, W2 = f.W1, f.W2
+            D = W - W1 @ W2
+            out_energy = float(np.sum(W * (acc.gram @ W)))  # ‖X·W‖² on the calibration set
+            info["output_rel_error"] = float(np.sum(D * (acc.gram @ D))) / out_energy if out_energy else 0.0
+        else:
+            B = acc.cross @ W if acc.cross is not None else acc.cross_out[lin.name]
+            if lin.name in acc.resid:
+                B = B + acc.resid[lin.name]
+            wt = whiten_cholesky(acc.gram_tilde, p.eps, damp=p.damp, log=ctx.log, name=lin.name)
+            # the ridge (and any PD repair) pulls toward the original weight, not toward 0:
+            # ‖X̃W' − T‖² + δ‖W' − W‖²  ⇔  statistics G̃ + δI and B + δW
+            B = B + wt.shift * W
+            if p.refit == "both":
+                f = reduced_rank_fit(wt.S, B, k)
+                W1, W2 = f.W1, f.W2
+            else:
+                wh = whiten_cholesky(acc.gram, p.eps, damp=p.damp, log=ctx.log, name=lin.name) if p.whiten else None
+                W2 = truncate_whitened(W, wh.S if wh else None, k).W2
+                W1 = refit_first_factor(wt.S, B, W2)
+            # diagnostic on one calibration batch: ‖X̃·W₁W₂ − X·W‖² / ‖X·W‖²
+            target = acc.sample_x @ W
+            err = acc.sample_xt @ W1 @ W2 - target
+            energy = float(np.sum(target**2))
+            info["output_rel_error"] = float(np.sum(err**2)) / energy if energy else 0.0
+        replace_with_low_rank(model, lin.node, lin.name, W1, W2)
+        return info

@@ -1,0 +1,37 @@
+"""Helpers shared by test_rotate and test_affine: run an in-memory graph, compare logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+TOL = 1e-4  # fp32 logits before vs after an exact transformation
+
+
+# ----------------------------------------------------------------------------------------------
+def graph_logits(model: ir.Model, tmp_path, ids: np.ndarray, decode: int = 4):
+    """Prefill + `decode` cached decode steps of an in-memory model through ONNX Runtime."""
+    from compiler.testing import onnx_prefill_decode_logits, onnx_session
+
+    d = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+    d.mkdir()
+    ir.save(model, d / "model.onnx", external_data="model.onnx.data")
+    sess = onnx_session(d / "model.onnx")
+    logits, _ = onnx_prefill_decode_logits(sess, ids, np.ones_like(ids), ids[:, :decode])
+    return logits
+
+
+def max_diff(a, b) -> float:
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
+
+
+def make_ctx(model_dir, windows: int = 4, seq_len: int = 32):
+    from compiler.driver import CompileContext
+    from compiler.modeldir import open_model_dir
+    from compiler.recipe import CalibrationConfig
+
+    return CompileContext(open_model_dir(model_dir), CalibrationConfig(windows=windows, seq_len=seq_len), threads=1, progress=False)
+
+
+def sample_ids(vocab: int = 300, shape=(2, 20), seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int64)

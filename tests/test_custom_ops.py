@@ -1,0 +1,464 @@
+"""llmfold custom ops: packer, schemas, ORT-level QMatMul/TokenPrune against the numpy references,
+bad-input handling, and the C++ kernel tests (plain and ASan+UBSan builds)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto as TP  # noqa: E402
+from onnx import helper, numpy_helper  # noqa: E402
+
+from compiler import custom_ops as co  # noqa: E402
+
+
+def _lib_or_skip() -> Path:
+    try:
+        return co.library_path()
+    except FileNotFoundError as e:
+        print(f"SKIP reason: {e}")
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def lib() -> Path:
+    return _lib_or_skip()
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def random_weights(rng, K, N, bs, with_zp):
+    nb = -(-K // bs)
+    q = rng.integers(0, 16, (K, N)).astype(np.uint8)
+    sc = rng.uniform(0.01, 0.08, (nb, N)).astype(np.float32)
+    zp = rng.integers(0, 16, (nb, N)).astype(np.uint8) if with_zp else None
+    return q, sc, zp
+
+
+def qmatmul_model(K, N, bs, act_bits, packed, bias=None, shift=None, a_shape=None, a_type=TP.FLOAT,
+                  zp_name=True):
+    inits = [numpy_helper.from_array(packed["data"], "B"), numpy_helper.from_array(packed["scales"], "S")]
+    names = ["A", "B", "S"]
+    if packed.get("zero_points") is not None and zp_name:
+        inits.append(numpy_helper.from_array(packed["zero_points"], "Z"))
+        names.append("Z")
+    elif bias is not None or shift is not None:
+        names.append("")
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "bias"))
+        names.append("bias")
+    elif shift is not None:
+        names.append("")
+    if shift is not None:
+        inits.append(numpy_helper.from_array(shift, "shift"))
+        names.append("shift")
+    node = co.make_qmatmul_node(names, "Y", K, N, bs, act_bits)
+    a_shape = a_shape or ["M", K]
+    g = helper.make_graph([node], "qmatmul", [helper.make_tensor_value_info("A", a_type, a_shape)],
+                          [helper.make_tensor_value_info("Y", TP.FLOAT, list(a_shape[:-1]) + [N])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(co.DOMAIN, 1)])
+    m.ir_version = 10
+    return m
+
+
+def session(model, threads=1, env=None):
+    return ort.InferenceSession(model.SerializeToString(), co.make_session_options(threads))
+
+
+def magnitude(A, W):
+    return np.abs(A.reshape(-1, A.shape[-1]).astype(np.float64)) @ np.abs(W.astype(np.float64))
+
+
+# ----------------------------------------------------------------------------------------------
+# packer
+
+
+@pytest.mark.parametrize("K,N,bs", [(64, 16, 32), (100, 37, 32), (17, 1, 16), (300, 50, 256), (576, 96, 64)])
+@pytest.mark.parametrize("with_zp", [False, True])
+def test_pack_unpack_round_trip(K, N, bs, with_zp):
+    rng = np.random.default_rng(K * N + bs)
+    q, sc, zp = random_weights(rng, K, N, bs, with_zp)
+    p = co.pack_int4_blocks(q, sc, zp, bs)
+    sizes = co.packed_sizes(K, N, bs)
+    assert p["data"].size == sizes["data"] and p["scales"].size == sizes["scales"]
+    u = co.unpack_int4_blocks(p["data"], p["scales"], p["zero_points"], K, N, bs)
+    assert np.array_equal(u["q"], q) and np.array_equal(u["scales"], sc)
+    assert (u["zero_points"] is None) == (zp is None)
+    if zp is not None:
+        assert np.array_equal(u["zero_points"], zp)
+    W = co.dequantize_int4(p["data"], p["scales"], p["zero_points"], K, N, bs)
+    z = zp if zp is not None else np.full_like(sc, 8, dtype=np.uint8)
+    b = np.arange(K) // bs
+    assert np.array_equal(W, (q.astype(np.float32) - z[b].astype(np.float32)) * sc[b])
+
+
+def test_pack_layout_bytes():
+    # One tile, one group: byte 4c + j = q[j][c] | q[4 + j][c] << 4 (kernels.h).
+    K, N, bs = 16, 16, 16
+    q = (np.arange(K * N).reshape(K, N) % 16).astype(np.uint8)
+    p = co.pack_int4_blocks(q, np.ones((1, N), np.float32), None, bs)
+    for c in range(16):
+        for j in range(4):
+            assert p["data"][4 * c + j] == (q[j, c] | (q[4 + j, c] << 4))
+            assert p["data"][64 + 4 * c + j] == (q[8 + j, c] | (q[12 + j, c] << 4))
+    # Padding: K=20 with bs=16 pads k rows with the zero point, N=3 pads columns with 8 / scale 0.
+    p = co.pack_int4_blocks(np.zeros((20, 3), np.uint8), np.ones((2, 3), np.float32), np.full((2, 3), 5, np.uint8), 16)
+    d = p["data"].reshape(1, 4, 16, 4)
+    # group 2 = k 16..23: k 16..19 real (0), k 20..23 padding (5); group 3 all padding
+    assert (d[0, 2, :3] == 0x50).all() and (d[0, 3, :3] == 0x55).all() and (d[0, :, 3:] == 0x88).all()
+    assert (p["scales"].reshape(1, 2, 16)[0, :, 3:] == 0).all()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantize_int4_weights_round_to_nearest(symmetric):
+    rng = np.random.default_rng(2)
+    K, N, bs = 100, 24, 32
+    W = rng.standard_normal((K, N)).astype(np.float32)
+    p = co.quantize_int4_weights(W, bs, symmetric=symmetric)
+    Wq = co.dequantize_int4(p["data"], p["scales"], p["zero_points"], K, N, bs)
+    step = np.repeat(p["raw_scales"], bs, axis=0)[:K]
+    # symmetric: round to nearest; asymmetric: the rounded zero point can push an extreme code one step
+    assert np.all(np.abs(Wq - W) <= (0.5 if symmetric else 1.0) * step + 1e-6)
+    assert (p["zero_points"] is None) == symmetric
+
+
+def test_pack_rejects_bad_input():
+    with pytest.raises(ValueError, match="power of two"):
+        co.pack_int4_blocks(np.zeros((32, 4), np.uint8), np.ones((1, 4), np.float32), None, 48)
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
+        co.pack_int4_blocks(np.full((32, 4), 16, np.uint8), np.ones((1, 4), np.float32), None, 32)
+    with pytest.raises(ValueError, match="scales"):
+        co.pack_int4_blocks(np.zeros((32, 4), np.uint8), np.ones((2, 4), np.float32), None, 32)
+
+
+# ----------------------------------------------------------------------------------------------
+# schemas
+
+
+def test_schemas_checker_and_shape_inference():
+    co.register_schemas()
+    co.register_schemas()  # idempotent
+    rng = np.random.default_rng(0)
+    q, sc, zp = random_weights(rng, 40, 24, 16, True)
+    m = qmatmul_model(40, 24, 16, 8, co.pack_int4_blocks(q, sc, zp, 16), a_shape=[2, "T", 40])
+    onnx.checker.check_model(m, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(m, strict_mode=True)
+    dims = inferred.graph.output[0].type.tensor_type.shape.dim
+    assert dims[0].dim_value == 2 and dims[1].dim_param == "T" and dims[2].dim_value == 24
+    bad = qmatmul_model(40, 24, 16, 8, co.pack_int4_blocks(q, sc, zp, 16), a_shape=[2, 41])
+    with pytest.raises(Exception, match="K=40"):
+        onnx.shape_inference.infer_shapes(bad, strict_mode=True)
+
+    node = helper.make_node("TokenPrune", ["h", "s", "", "pos"], ["hp", "idx", "posp"], domain=co.DOMAIN,
+                            keep_ratio=0.5)
+    g = helper.make_graph([node], "tp", [helper.make_tensor_value_info("h", TP.FLOAT, [1, 10, 8]),
+                                         helper.make_tensor_value_info("s", TP.FLOAT, [1, 3, 10, 10]),
+                                         helper.make_tensor_value_info("pos", TP.INT64, [1, 10])],
+                          [helper.make_tensor_value_info("hp", TP.FLOAT, [1, None, 8]),
+                           helper.make_tensor_value_info("idx", TP.INT64, [1, None]),
+                           helper.make_tensor_value_info("posp", TP.INT64, [1, None])])
+    tm = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(co.DOMAIN, 1)])
+    tm.ir_version = 10
+    onnx.checker.check_model(tm, full_check=True)
+    out = onnx.shape_inference.infer_shapes(tm, strict_mode=True).graph.output
+    assert out[2].type.tensor_type.elem_type == TP.INT64
+
+
+# ----------------------------------------------------------------------------------------------
+# QMatMul through ORT
+
+
+CASES = [
+    # (M, K, N, bs)
+    (1, 64, 16, 32),
+    (1, 100, 37, 32),  # K % bs != 0, odd N
+    (3, 576, 48, 64),
+    (7, 130, 33, 16),
+    (40, 256, 80, 128),
+]
+
+
+@pytest.mark.parametrize("act_bits", [16, 8, 4])
+@pytest.mark.parametrize("with_zp", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("M,K,N,bs", CASES)
+def test_qmatmul_matches_reference(lib, act_bits, with_zp, with_bias, M, K, N, bs):
+    rng = np.random.default_rng(M * 1000 + K + N + bs + act_bits)
+    q, sc, zp = random_weights(rng, K, N, bs, with_zp)
+    p = co.pack_int4_blocks(q, sc, zp, bs)
+    bias = rng.standard_normal(N).astype(np.float32) if with_bias else None
+    shift = rng.integers(0, 4, K).astype(np.uint8) if act_bits != 16 and with_bias else None
+    A = rng.standard_normal((M, K)).astype(np.float32)
+    y = session(qmatmul_model(K, N, bs, act_bits, p, bias, shift)).run(None, {"A": A})[0]
+    r = co.qmatmul_reference(A, p["data"], p["scales"], p["zero_points"], K, N, bs, act_bits, shift, bias)
+    assert y.shape == (M, N)
+    W = co.dequantize_int4(p["data"], p["scales"], p["zero_points"], K, N, bs)
+    tol = 1e-5 * magnitude(A, W) + 1e-6 * np.abs(r)
+    if act_bits != 16:
+        # Integer dots are exact; the scales and the float epilogue may round differently.
+        tol = 1e-5 * magnitude(np.abs(A) * 2.0, W) + 1e-6 * np.abs(r)
+    assert np.all(np.abs(y - r) <= tol), np.abs(y - r).max()
+
+
+@pytest.mark.parametrize("act_bits", [16, 8, 4])
+def test_qmatmul_batched_shape_threads_identical(lib, act_bits):
+    rng = np.random.default_rng(7)
+    K, N, bs = 192, 200, 32
+    q, sc, zp = random_weights(rng, K, N, bs, True)
+    p = co.pack_int4_blocks(q, sc, zp, bs)
+    A = rng.standard_normal((2, 70, K)).astype(np.float32)
+    m = qmatmul_model(K, N, bs, act_bits, p, a_shape=[2, "T", K])
+    y1 = session(m, threads=1).run(None, {"A": A})[0]
+    y2 = session(m, threads=2).run(None, {"A": A})[0]
+    assert y1.shape == (2, 70, N)
+    assert np.array_equal(y1, y2)  # the task split never changes a column's arithmetic
+    r = co.qmatmul_reference(A, p["data"], p["scales"], p["zero_points"], K, N, bs, act_bits)
+    assert np.allclose(y1, r, rtol=1e-4, atol=1e-4)
+
+
+def test_qmatmul_nonfinite_and_zero_rows(lib):
+    rng = np.random.default_rng(3)
+    K, N, bs = 64, 16, 32
+    q, sc, zp = random_weights(rng, K, N, bs, False)
+    p = co.pack_int4_blocks(q, sc, zp, bs)
+    A = rng.standard_normal((4, K)).astype(np.float32)
+    A[1, 5] = np.nan
+    A[2] = 0.0
+    A[3, 0] = np.inf
+    for act_bits in (16, 8, 4):
+        y = session(qmatmul_model(K, N, bs, act_bits, p)).run(None, {"A": A})[0]
+        assert np.isfinite(y[0]).all() and not np.isfinite(y[1]).any() and not np.isfinite(y[3]).any()
+        assert (y[2] == 0).all()
+
+
+def test_qmatmul_empty_rows(lib):
+    rng = np.random.default_rng(4)
+    q, sc, zp = random_weights(rng, 32, 16, 32, False)
+    s = session(qmatmul_model(32, 16, 32, 8, co.pack_int4_blocks(q, sc, zp, 32)))
+    assert s.run(None, {"A": np.zeros((0, 32), np.float32)})[0].shape == (0, 16)
+
+
+def test_kernel_env_override_matches(lib, tmp_path):
+    """LLMFOLD_KERNELS=ref (forced path) vs the dispatched path, in fresh processes."""
+    rng = np.random.default_rng(11)
+    K, N, bs = 160, 40, 32
+    q, sc, zp = random_weights(rng, K, N, bs, True)
+    p = co.pack_int4_blocks(q, sc, zp, bs)
+    onnx.save(qmatmul_model(K, N, bs, 8, p), tmp_path / "m.onnx")
+    A = rng.standard_normal((5, K)).astype(np.float32)
+    np.save(tmp_path / "a.npy", A)
+    code = ("import sys, numpy as np, onnxruntime as ort; sys.path.insert(0, sys.argv[1]);"
+            "from compiler import custom_ops as co;"
+            "s = ort.InferenceSession(sys.argv[2], co.make_session_options(1));"
+            "np.save(sys.argv[3], s.run(None, {'A': np.load(sys.argv[4])})[0])")
+    outs = {}
+    for name in ("ref", ""):
+        env = dict(os.environ, LLMFOLD_KERNELS=name)
+        out = tmp_path / f"y_{name or 'best'}.npy"
+        subprocess.run([sys.executable, "-c", code, str(REPO), str(tmp_path / "m.onnx"), str(out),
+                        str(tmp_path / "a.npy")], check=True, env=env, timeout=120)
+        outs[name] = np.load(out)
+    assert np.allclose(outs["ref"], outs[""], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# bad inputs: an ORT error with a clear message, never a crash
+
+
+def _expect_error(fn, pattern):
+    with pytest.raises(Exception) as ei:
+        fn()
+    assert pattern.lower() in str(ei.value).lower(), str(ei.value)
+
+
+def test_qmatmul_bad_inputs(lib):
+    rng = np.random.default_rng(5)
+    K, N, bs = 64, 20, 32
+    q, sc, zp = random_weights(rng, K, N, bs, True)
+    p = co.pack_int4_blocks(q, sc, zp, bs)
+    A = rng.standard_normal((2, K)).astype(np.float32)
+
+    # wrong dtype (double activations): rejected when the session is built
+    _expect_error(lambda: session(qmatmul_model(K, N, bs, 8, p, a_type=TP.DOUBLE)), "type")
+    # K mismatch at run time
+    s = session(qmatmul_model(K, N, bs, 8, p, a_shape=["M", "Kdim"]))
+    _expect_error(lambda: s.run(None, {"A": np.zeros((2, K + 1), np.float32)}), "last dimension is 65")
+    # packed buffer too small
+    small = dict(p, data=p["data"][:-1])
+    _expect_error(lambda: session(qmatmul_model(K, N, bs, 8, small)).run(None, {"A": A}), "packed B has")
+    # block_size not a power of two
+    _expect_error(lambda: session(qmatmul_model(K, N, 48, 8, p)), "power of two")
+    # scales of the wrong length
+    short = dict(p, scales=p["scales"][:-16])
+    _expect_error(lambda: session(qmatmul_model(K, N, bs, 8, short)).run(None, {"A": A}), "scales has")
+    # zero points out of range (constant: rejected at session creation)
+    badzp = dict(p, zero_points=np.where(p["zero_points"] == 0, 16, p["zero_points"]).astype(np.uint8))
+    _expect_error(lambda: session(qmatmul_model(K, N, bs, 8, badzp)).run(None, {"A": A}), "zero_points values")
+    # unsupported act_bits
+    _expect_error(lambda: session(qmatmul_model(K, N, bs, 5, p)), "act_bits")
+    # channel_shift: wrong length, out of range, or with float activations
+    _expect_error(lambda: session(qmatmul_model(K, N, bs, 8, p, shift=np.zeros(K - 1, np.uint8))).run(None, {"A": A}),
+                  "channel_shift has")
+    _expect_error(lambda: session(qmatmul_model(K, N, bs, 8, p, shift=np.full(K, 16, np.uint8))).run(None, {"A": A}),
+                  "channel_shift values")
+    _expect_error(lambda: session(qmatmul_model(K, N, bs, 16, p, shift=np.zeros(K, np.uint8))).run(None, {"A": A}),
+                  "requires act_bits")
+    # the process is alive and a good model still runs
+    assert s.run(None, {"A": A})[0].shape == (2, N)
+
+
+# ----------------------------------------------------------------------------------------------
+# TokenPrune
+
+
+def token_prune_model(h_shape, s_shape, comps=(), keep_ratio=None, with_count=False, with_idx=True):
+    ins = [helper.make_tensor_value_info("h", TP.FLOAT, h_shape), helper.make_tensor_value_info("s", TP.FLOAT, s_shape)]
+    names = ["h", "s", "k" if with_count else ""]
+    if with_count:
+        ins.append(helper.make_tensor_value_info("k", TP.INT64, []))
+    outs = [helper.make_tensor_value_info("hp", TP.FLOAT, None)]
+    onames = ["hp"]
+    if with_idx or comps:
+        onames.append("idx" if with_idx else "")
+        if with_idx:
+            outs.append(helper.make_tensor_value_info("idx", TP.INT64, None))
+    for i, (elem, shape) in enumerate(comps):
+        ins.append(helper.make_tensor_value_info(f"c{i}", elem, shape))
+        names.append(f"c{i}")
+        onames.append(f"c{i}p")
+        outs.append(helper.make_tensor_value_info(f"c{i}p", elem, None))
+    while names and names[-1] == "":
+        names.pop()
+    attrs = {} if keep_ratio is None else {"keep_ratio": keep_ratio}
+    node = helper.make_node("TokenPrune", names, onames, domain=co.DOMAIN, **attrs)
+    g = helper.make_graph([node], "tp", ins, outs)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(co.DOMAIN, 1)])
+    m.ir_version = 10
+    return m
+
+
+@pytest.mark.parametrize("B,T,D,H", [(1, 12, 8, 0), (2, 9, 4, 3), (3, 2, 5, 0), (2, 1, 3, 2), (1, 30, 16, 4)])
+@pytest.mark.parametrize("mode", ["ratio", "count"])
+def test_token_prune_matches_reference(lib, B, T, D, H, mode):
+    rng = np.random.default_rng(B * 100 + T * 10 + D + H)
+    hidden = rng.standard_normal((B, T, D)).astype(np.float32)
+    if H:
+        scores = rng.random((B, H, T, T)).astype(np.float32)
+        scores[..., 0] = np.round(scores[..., 0] * 4) / 4  # ties across tokens
+    else:
+        scores = np.round(rng.random((B, T)).astype(np.float32) * 3) / 3
+    pos = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()
+    cos = rng.standard_normal((B, T, 2, 3)).astype(np.float32)
+    comps = [(TP.INT64, list(pos.shape)), (TP.FLOAT, list(cos.shape))]
+    feeds = {"h": hidden, "s": scores, "c0": pos, "c1": cos}
+    if mode == "ratio":
+        m = token_prune_model(list(hidden.shape), list(scores.shape), comps, keep_ratio=0.4)
+        ref = co.token_prune_reference(hidden, scores, keep_ratio=0.4, companions=[pos, cos])
+    else:
+        m = token_prune_model(list(hidden.shape), list(scores.shape), comps, with_count=True)
+        feeds["k"] = np.array(5, np.int64)
+        ref = co.token_prune_reference(hidden, scores, keep_count=5, companions=[pos, cos])
+    out = session(m).run(None, feeds)
+    assert np.array_equal(out[0], ref[0]) and np.array_equal(out[1], ref[1])
+    assert np.array_equal(out[2], ref[2][0]) and np.array_equal(out[3], ref[2][1])
+    assert out[2].dtype == np.int64 and out[3].dtype == np.float32
+    idx = out[1]
+    if T > 0:
+        assert (idx[:, 0] == 0).all() and (idx[:, -1] == T - 1).all()
+        assert (np.diff(idx, axis=1) > 0).all()
+
+
+def test_token_prune_ties_and_nan(lib):
+    hidden = np.arange(8 * 2, dtype=np.float32).reshape(1, 8, 2)
+    scores = np.array([[0.0, 5.0, 1.0, 5.0, np.nan, 3.0, 9.0, -1.0]], np.float32)
+    m = token_prune_model([1, 8, 2], [1, 8], with_count=True)
+    for k, want in [(4, [0, 1, 6, 7]), (7, [0, 1, 2, 3, 5, 6, 7]), (1, [0, 7]), (100, list(range(8)))]:
+        out = session(m).run(None, {"h": hidden, "s": scores, "k": np.array(k, np.int64)})
+        assert out[1].tolist() == [want]
+        assert np.array_equal(out[0][0], hidden[0, want])
+
+
+def test_token_prune_bad_inputs(lib):
+    h = np.zeros((1, 6, 4), np.float32)
+    _expect_error(lambda: session(token_prune_model([1, 6, 4], [1, 6], keep_ratio=0.0)), "keep_ratio")
+    s = session(token_prune_model([1, 6, 4], [1, 6]))
+    _expect_error(lambda: s.run(None, {"h": h, "s": np.zeros((1, 6), np.float32)}), "keep_count")
+    s = session(token_prune_model([1, "T", 4], [1, "S"], keep_ratio=0.5))
+    _expect_error(lambda: s.run(None, {"h": h, "s": np.zeros((1, 5), np.float32)}), "scores must be")
+    s = session(token_prune_model([1, "T", 4], [1, 2, "T", 3], keep_ratio=0.5))
+    _expect_error(lambda: s.run(None, {"h": h, "s": np.zeros((1, 2, 5, 3), np.float32)}), "attention scores")
+    s = session(token_prune_model(["B", "T"], [1, 6], keep_ratio=0.5))
+    _expect_error(lambda: s.run(None, {"h": np.zeros((6, 4), np.float32), "s": np.zeros((1, 6), np.float32)}),
+                  "hidden must be")
+    s = session(token_prune_model([1, 6, 4], [1, 6], [(TP.INT64, [1, "X"])], keep_ratio=0.5))
+    _expect_error(lambda: s.run(None, {"h": h, "s": np.zeros((1, 6), np.float32),
+                                       "c0": np.zeros((1, 5), np.int64)}), "companion 0")
+
+
+# ----------------------------------------------------------------------------------------------
+# C++ kernel tests
+
+
+def _cmake_build(build_dir: Path, extra: list[str]) -> Path:
+    if not shutil.which("cmake") or not shutil.which("c++"):
+        print("SKIP reason: cmake or a C++ compiler is not installed")
+        pytest.skip("cmake or a C++ compiler is not installed")
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    subprocess.run(["cmake", "-S", str(REPO / "custom_ops"), "-B", str(build_dir), *gen,
+                    "-DLLMFOLD_BUILD_ORT_LIB=OFF", *extra], check=True, capture_output=True, timeout=300)
+    subprocess.run(["cmake", "--build", str(build_dir), "--target", "llmfold_kernel_test", "-j", "2"],
+                   check=True, capture_output=True, timeout=600)
+    return build_dir / "llmfold_kernel_test"
+
+
+def test_kernel_paths_against_ref():
+    exe = REPO / "build" / "custom_ops" / "llmfold_kernel_test"
+    if not exe.is_file():
+        exe = _cmake_build(REPO / "build" / "custom_ops_kt", [])
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    print(r.stdout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 failures" in r.stdout
+    # LLMFOLD_KERNELS forces a path; an unknown one falls back to the best with a warning.
+    best = r.stdout.split("active kernels: ")[1].split()[0]
+    forced = subprocess.run([str(exe), "--path", "none"], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, LLMFOLD_KERNELS="ref"))
+    assert "active kernels: ref" in forced.stdout
+    bogus = subprocess.run([str(exe), "--path", "none"], capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, LLMFOLD_KERNELS="bogus"))
+    assert f"active kernels: {best}" in bogus.stdout and "LLMFOLD_KERNELS=bogus" in bogus.stderr
+
+
+def test_kernel_paths_asan_ubsan():
+    exe = _cmake_build(REPO / "build" / "custom_ops_asan", ["-DLLMFOLD_SANITIZE=ON", "-DCMAKE_BUILD_TYPE=Debug"])
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
+    r = subprocess.run([str(exe), "--quick"], capture_output=True, text=True, timeout=600, env=env)
+    print(r.stdout[-2000:], r.stderr[-4000:])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "runtime error" not in r.stderr and "AddressSanitizer" not in r.stderr
+
+
+def test_bench_kernels_schema(lib):
+    """bench-kernels machinery on a tiny shape: every kernel of every (K, N, M), the JSON schema."""
+    from compiler import bench_kernels as bk
+
+    res = bk.measure(2, shapes=[(64, 48)], ms=[1, 3], rounds=1, min_sample_s=0.001)
+    assert set(res) == {"read_bandwidth_gb_s", "rows"} and res["read_bandwidth_gb_s"] > 0
+    assert {r["kernel"] for r in res["rows"]} == set(bk.KERNELS) and len(res["rows"]) == 2 * len(bk.KERNELS)
+    for r in res["rows"]:
+        assert set(r) == {"K", "N", "M", "threads", "kernel", "median_us", "weight_gb_s"}
+        assert r["threads"] == 2 and r["median_us"] > 0 and r["weight_gb_s"] > 0

