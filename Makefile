@@ -2,6 +2,7 @@
 #   make setup     .venv with pinned packages, Debian packages (as root), ORT headers, C++ build
 #   make test      the whole test suite (tiny random models + one real SmolLM2 end to end)
 #   make demo      export SmolLM2-135M, compile it, compare fp32 and compiled on held-out text
+#   make test-arm  only the aarch64 tests (cross-built, run under qemu)
 #   make ops       rebuild the custom op library only
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -12,7 +13,7 @@ OPS_BUILD := $(BUILD)/custom_ops
 ORT_INCLUDE := $(BUILD)/ortdev/usr/include/onnxruntime
 DEBS := fortunes g++-aarch64-linux-gnu qemu-user-static cmake
 
-.PHONY: setup venv debs ort-headers ops test demo clean
+.PHONY: setup venv debs ort-headers ops test test-arm demo clean
 
 setup: debs venv ops
 
@@ -49,6 +50,10 @@ ops: ort-headers
 
 test: setup
 	$(PY) -m pytest -ra
+
+# the aarch64 tests alone: kernels and end-to-end ORT runs under qemu-aarch64-static
+test-arm: setup
+	$(PY) -m pytest -ra -m arm
 
 demo: setup
 	$(PY) samples/demo.py

@@ -313,6 +313,15 @@ def _first_linear_after(value: ir.Value, limit: int = 40) -> _LinearMatch | None
     return None
 
 
+def _through_token_prune(value: ir.Value) -> ir.Value:
+    """The residual stream after a `llmfold.TokenPrune` that reads `value` (token pruning keeps the
+    stream's meaning, only fewer rows), else `value` itself."""
+    for use in value.uses():
+        if use.node.op_type == "TokenPrune" and use.node.domain == "llmfold" and use.idx == 0:
+            return use.node.outputs[0]
+    return value
+
+
 class _Analysis:
     def __init__(self, model: ir.Model):
         self.model = model
@@ -344,7 +353,7 @@ class _Analysis:
         common = [u.node for u in r.uses() if any(u2.node is u.node for u2 in pending.uses())]
         for node in common:
             if node.op_type == "Add":
-                out = node.outputs[0]
+                out = _through_token_prune(node.outputs[0])
                 return match_norm_on(out), out, node.name
             if node.op_type == SKIP_NORM and node.domain == "com.microsoft":
                 outs = node.outputs

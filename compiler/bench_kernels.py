@@ -182,8 +182,8 @@ def measure(threads: int, shapes=SHAPES, ms=MS, rounds: int = 7, min_sample_s: f
                                  weight_gb_s=round(wbytes / med / 1e9, 3)))
             del runners
             if log:
-                a8 = next(r for r in rows if r["K"] == K and r["N"] == N and r["M"] == M and r["kernel"] == "qmatmul-a8")
-                log(f"  M={M}: qmatmul-a8 {a8['median_us']} us")
+                done = {r["kernel"]: r["median_us"] for r in rows if (r["K"], r["N"], r["M"]) == (K, N, M)}
+                log(f"  M={M}: qmatmul-a8 {done['qmatmul-a8']} us, matmulnbits-acc4 {done['matmulnbits-acc4']} us")
     return {"read_bandwidth_gb_s": round(bw, 3), "rows": rows}
 
 

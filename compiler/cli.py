@@ -70,6 +70,12 @@ def _cmd_bench_kernels(args) -> int:
     return bench_main(json_output=args.json, threads=args.threads)
 
 
+def _cmd_export_mobile(args) -> int:
+    from compiler.mobile import mobile_main
+
+    return mobile_main(args)
+
+
 def _cmd_recipes(args) -> int:
     from compiler.recipe import available_recipes, load_recipe
 
@@ -155,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--threads", type=_positive_int, default=1)
     s.set_defaults(func=_cmd_bench_kernels)
+
+    s = sub.add_parser(
+        "export-mobile",
+        help="convert a model directory to ORT format for phones (verified against the .onnx)",
+    )
+    from compiler.mobile import add_export_mobile_arguments
+
+    add_export_mobile_arguments(s)
+    s.set_defaults(func=_cmd_export_mobile)
 
     s = sub.add_parser("recipes", help="list the shipped recipes")
     s.add_argument("--json", action="store_true")

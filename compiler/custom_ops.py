@@ -122,12 +122,12 @@ def pack_int4_blocks(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray 
     data = np.ascontiguousarray(byte.transpose(2, 0, 3, 1)).reshape(-1)
     S = np.zeros((n_blocks, Np), np.float32)
     S[:, :N] = scales
-    out = dict(data=data.astype(np.uint8), scales=np.ascontiguousarray(S.reshape(n_blocks, n_tiles, TILE_N).transpose(1, 0, 2)).reshape(-1),
-               zero_points=None)
+    by_tile = lambda X: np.ascontiguousarray(X.reshape(n_blocks, n_tiles, TILE_N).transpose(1, 0, 2)).reshape(-1)
+    out = dict(data=data.astype(np.uint8), scales=by_tile(S), zero_points=None)
     if zp is not None:
         Z = np.full((n_blocks, Np), 8, np.uint8)
         Z[:, :N] = zp
-        out["zero_points"] = np.ascontiguousarray(Z.reshape(n_blocks, n_tiles, TILE_N).transpose(1, 0, 2)).reshape(-1)
+        out["zero_points"] = by_tile(Z)
     return out
 
 
@@ -331,7 +331,8 @@ def _qmatmul_infer(ctx) -> None:
     if K is None or N is None or bs is None:
         raise onnx.shape_inference.InferenceError("[llmfold.QMatMul] attributes K, N, block_size are required")
     if bs < 16 or bs > 256 or bs & (bs - 1):
-        raise onnx.shape_inference.InferenceError(f"[llmfold.QMatMul] block_size must be a power of two in [16, 256], got {bs}")
+        raise onnx.shape_inference.InferenceError(
+            f"[llmfold.QMatMul] block_size must be a power of two in [16, 256], got {bs}")
     if act_bits not in (16, 8, 4):
         raise onnx.shape_inference.InferenceError(f"[llmfold.QMatMul] act_bits must be 16, 8 or 4, got {act_bits}")
     out = onnx.TypeProto()

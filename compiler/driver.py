@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -266,7 +267,12 @@ def compile_model(
         meta["custom_ops_library"] = "libllmfold_ops.so" if _uses_custom_ops(model) else None
         if any(r.get("kv_cache") == "per-layer" for r in ctx.records):
             meta["kv_cache"] = "per-layer"
-        save_model_dir(model, out_dir, meta, copy_from=src)
+        from compiler.genai_config import genai_files
+
+        gen_path = Path(src.path) / "generation_config.json"
+        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+        # onnxruntime-genai config (+ the op library it loads); none for per-layer KV models
+        save_model_dir(model, out_dir, meta, copy_from=src, extra_files=genai_files(model, meta, gen))
     finally:
         ctx.close()
 

@@ -190,7 +190,7 @@ def _readme(meta: dict, custom: bool, library_note: str) -> str:
     lines = [
         "llmfold mobile model directory (written by `llmfold export-mobile`)",
         "",
-        f"model.ort                  ONNX Runtime format (load it like an .onnx file; ORT >= 1.21)",
+        "model.ort                  ONNX Runtime format (load it like an .onnx file; ORT >= 1.21)",
         f"{OPS_CONFIG}  operators for a reduced ONNX Runtime build:",
         "    ./build.sh --config MinSizeRel --minimal_build extended --disable_ml_ops \\",
         f"        --include_ops_by_config {OPS_CONFIG} [--android ...|--ios ...]",

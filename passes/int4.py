@@ -785,11 +785,13 @@ class Int4Pass(CompilerPass):
 
     def _rounds(self, units: list[QuantUnit]) -> list[list[QuantUnit]]:
         """Groups of units whose statistics are collected together: `stats_blocks` decoder blocks
-        per round, in block order; layers outside blocks (lm_head) last."""
+        per round, in block order. Layers outside blocks (lm_head) join the last round: its
+        collection runs the whole model anyway, so lm_head's input costs no extra pass."""
         by_round: dict[int, list[QuantUnit]] = {}
-        last = max((u.block for u in units if u.block is not None), default=-1) + 1
+        blocks = [u.block for u in units if u.block is not None]
+        last = max(blocks) // self.params.stats_blocks if blocks else 0
         for u in units:
-            r = u.block // self.params.stats_blocks if u.block is not None else last // self.params.stats_blocks + 1
+            r = u.block // self.params.stats_blocks if u.block is not None else last
             by_round.setdefault(r, []).append(u)
         return [by_round[r] for r in sorted(by_round)]
 

@@ -376,6 +376,7 @@ def test_affine_pass_learns_and_stays_exact_in_fp32(tiny_model_dir, tmp_path):
         ({"mask": "random"}, "mask"),
         ({"vo": "half"}, "vo"),
         ({"init": "awq"}, "init"),
+        ({"loss": "l1"}, "loss"),
         ({"margin": 1.0}, "margin"),
         ({"qkv": False, "gate_up": False, "down": False, "vo": "off"}, "enable at least one"),
         ({"epochs": "5"}, "must be"),
@@ -436,3 +437,35 @@ def test_torch_blocks_equal_onnx_blocks_on_smollm2(smollm2_dir):
         with torch.no_grad():
             got = block_forward(torch.from_numpy(x), fp_weights(BlockWeights.from_graph(model, b)), cfg).numpy()
         assert np.abs(got - y).max() <= TOL * max(1.0, np.abs(y).max()), b.index
+
+
+def test_rotate_affine_int4_compile_end_to_end(tiny_model_dir, tmp_path):
+    """rotate → affine → int4 through the compile driver; the result runs in ONNX Runtime with
+    the QMatMul library and its logits stay close to fp32 (the int4 pass's own A4 bound)."""
+    from compiler import custom_ops
+    from compiler.driver import compile_model
+    from compiler.modeldir import open_model_dir
+    from compiler.runtime import open_session
+
+    try:
+        custom_ops.library_path()
+    except FileNotFoundError as e:
+        pytest.skip(f"custom op library not built: {e}")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The compiler folds affine transforms into norms and packs four bit blocks. " * 60)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        "[calibration]\nwindows = 4\nseq_len = 32\n"
+        '[[pass]]\nname = "rotate"\n'
+        '[[pass]]\nname = "affine"\nact_bits = 4\nblock_size = 16\nepochs = 1\nsamples = 4\nseq_len = 32\n'
+        '[[pass]]\nname = "int4"\nalgorithm = "rtn"\nblock_size = 16\nact_bits = 4\n'
+    )
+    out = compile_model(tiny_model_dir, tmp_path / "out", recipe=str(recipe), calib=calib, seed=1, progress=False)
+    meta = open_model_dir(out).meta
+    assert [p["name"] for p in meta["passes"]] == ["rotate", "affine", "int4"]
+    assert len(meta["passes"][1]["records"][0]["blocks"]) == 2
+    ids = sample_ids(shape=(24,))
+    ref = open_session(tiny_model_dir, threads=1).prefill_logits(ids)
+    got = open_session(out, threads=1).prefill_logits(ids)
+    assert np.all(np.isfinite(got))
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.4

@@ -15,7 +15,7 @@ build's (avx2 here):
     quantization step of one channel (measured: it does not happen on these inputs; tiny models
     differ by < 1e-6). Tolerance: |Δ| ≤ 1e-4·max(1, max|logit|), and the greedy
     tokens are identical.
-Plus a few decode steps of SmolLM2-135M compiled w4a8 (slow). Skipped, with the reason printed,
+Plus a few decode steps of SmolLM2-135M compiled w4a8 (slow; see its docstring for what is bounded). Skipped, with the reason printed,
 only when the cross toolchain / qemu cannot be installed or we are not root.
 """
 
@@ -121,19 +121,30 @@ def test_aarch64_mobile_ort_model(samples, tiny_models, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_w4a8_decode_on_aarch64(samples, smollm2_dir, tmp_path_factory):
+    """SmolLM2-135M, int4 RTN weights with zero points and per-token int8 activations (no smoothing):
+    the prompt's prefill logits agree within the integer-exact tolerance and the greedy decode gives
+    the same tokens on x86-64 and on both emulated ARM cores.
+
+    Decode-step logits are printed, not bounded: this model is ill-conditioned under per-token int8
+    (massive activations set each token's scale), so a last-ulp difference of a float epilogue can
+    move one activation across a rounding boundary and change later logits by O(1) — measured on
+    x86 alone, LLMFOLD_KERNELS=ref vs avx2 (both exact in integers, bit-identical per op at M=1,2)
+    differ by up to 2.3 (of max |logit| 28) at some positions; ARM paths show the same spread."""
     if importlib.util.find_spec("passes.int4") is None:
         pytest.skip("passes/int4.py is not there yet")
     model = compile_recipe(smollm2_dir, tmp_path_factory.mktemp("smollm2_arm"), "w4a8")
     prompt = [1, 504, 3458, 282, 253, 1345, 28]  # bos + six in-vocabulary ids
     new = 4
     ref = run_sample(samples["x86"], model, prompt, new)
+    P = len(prompt)
     for cpu in ("max", "cortex-a72"):
         got = run_sample(samples["aarch64"], model, prompt, new, decode_ids=ref.tokens[:-1], cpu=cpu,
                          libdir=ORT_AARCH64, timeout=1800)  # fmt: skip
-        diff = float(np.abs(got.logits.astype(np.float64) - ref.logits).max())
-        tol = _tolerance("w4a8", ref.logits)
-        print(f"\n[SmolLM2 w4a8 on -cpu {cpu}] path {got.kernel_path}: tokens {got.tokens} (x86 {ref.tokens}), "
-              f"max |Δlogit| {diff:.3g} (tol {tol:.3g})")  # fmt: skip
+        d = np.abs(got.logits.astype(np.float64) - ref.logits).max(axis=1)
+        tol = _tolerance("w4a8", ref.logits[:P])
+        print(f"\n[SmolLM2 w4a8 on -cpu {cpu}] path {got.kernel_path} (x86 {ref.kernel_path}): tokens {got.tokens} "
+              f"(x86 {ref.tokens}); prefill max |Δlogit| {d[:P].max():.3g} (tol {tol:.3g}); decode steps "
+              f"max |Δlogit| {np.round(d[P:], 3).tolist()}")  # fmt: skip
         assert got.kernel_path == CPUS[cpu]
         assert got.tokens == ref.tokens
-        assert diff <= tol
+        assert d[:P].max() <= tol
