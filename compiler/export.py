@@ -35,6 +35,8 @@ every linear layer (lm_head included) is a plain MatMul with an initializer weig
 
 from __future__ import annotations
 
+import json
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -368,6 +370,11 @@ def export(source: str, out_dir, progress: bool = True) -> Path:
             "kv_cache": "uniform",
         }
         extra = _hf_side_files(loaded)
+        from compiler.genai_config import genai_files
+
+        gen = extra.get("generation_config.json")
+        # genai_config.json: the export also runs in onnxruntime-genai as is
+        extra.update(genai_files(model, meta, json.loads(gen) if gen else None))
         save_task = bar.add_task("write model.onnx + data", total=len(model.graph.initializers))
         with modeldir.AtomicDir(out) as tmp:
             modeldir.save_onnx(model, tmp / modeldir.MODEL_FILE, progress=lambda done, total: bar.update(save_task, completed=done, total=total))

@@ -34,6 +34,8 @@ META_FORMAT = "llmfold"
 META_VERSION = 1
 # files of a model directory that describe the graph; everything else (tokenizer, config) is copied
 GRAPH_FILES = (MODEL_FILE, DATA_FILE, META_FILE)
+# written anew for each output (they depend on the graph), never copied from the input
+DERIVED_FILES = ("genai_config.json", "libllmfold_ops.so")
 
 
 @dataclass
@@ -94,7 +96,7 @@ class ModelDir:
         return sorted(
             p
             for p in self.path.iterdir()
-            if p.is_file() and p.name not in GRAPH_FILES and p.name not in data_names
+            if p.is_file() and p.name not in GRAPH_FILES + DERIVED_FILES and p.name not in data_names
         )
 
 

@@ -89,10 +89,19 @@ MatMul(X, W) → QMatMul(X, data, scales, zero_points?, bias=None, channel_shift
 ``{layer}.qweight``, ``{layer}.scales``, ``{layer}.zero_points``, ``{layer}.channel_shift``. The
 fp32 weight leaves the graph unless another node still reads it (a tied embedding's Gather).
 
-Calibration statistics are requested a few blocks at a time (``stats_blocks``) and dropped once
-those blocks are quantized, so memory stays bounded by a few blocks' Gram matrices. Because they are
-collected on the *current* graph, later blocks see the already-quantized earlier blocks (the
-sequential GPTQ of the paper), including their activation quantization.
+Calibration statistics are requested a few blocks at a time (``stats_blocks``; lm_head joins the
+last round) and dropped once those blocks are quantized, so memory stays bounded by a few blocks'
+Gram matrices (SmolLM2: ≈ 27 MB per block, + 4·trip_samples·K bytes per tapped input with TRIP).
+Because they are collected on the *current* graph, later rounds see the already-quantized earlier
+blocks (the sequential GPTQ of the paper), including their activation quantization. Each round
+runs the calibration windows through the model up to its last block, so fewer, larger rounds are
+faster (stats_blocks = number of blocks: one pass, no sequential effect) and more rounds cost time.
+
+Layers that cannot be quantized (already a QMatMul/MatMulNBits, a non-constant or non-2-D weight,
+a weight shared by two layers) are all listed before anything changes; `on_unsupported = "error"`
+stops with that list, `"skip"` leaves them as they are and quantizes the rest (the record in
+llmfold.json names the skipped layers). A low-rank pair (SVD pass) is quantized factor by factor
+(`layers.3.q.w1`, `.w2`), the second factor after the first so it sees its quantized input.
 """
 
 from __future__ import annotations

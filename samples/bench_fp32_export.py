@@ -135,11 +135,12 @@ def main() -> None:
     args = ap.parse_args()
     prompt = prompt_tokens(args.ours, args.text, args.prompt)
     ours, genai = OursRunner(args.ours, args.threads), GenaiRunner(args.genai, args.threads)
-    ours.run(prompt[:32], 4)  # warm-up (allocations, first-run kernels)
-    genai.run(prompt[:32], 4)
-    results = {"llmfold fp32": [], "genai fp32": []}
+    runners = [("llmfold fp32", ours), ("genai fp32", genai)]
+    for _, runner in runners:
+        runner.run(prompt[:32], 4)  # warm-up (allocations, first-run kernels)
+    results = {name: [] for name, _ in runners}
     for r in range(args.rounds):
-        for name, runner in (("llmfold fp32", ours), ("genai fp32", genai)):
+        for name, runner in runners:
             pre, dec, toks = runner.run(prompt, args.decode)
             results[name].append((pre, dec, toks))
             print(f"round {r}: {name:13s} prefill {pre:7.1f} tok/s   decode {dec:6.2f} tok/s", flush=True)
