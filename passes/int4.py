@@ -106,12 +106,9 @@ llmfold.json names the skipped layers). A low-rank pair (SVD pass) is quantized 
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
-import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import onnx_ir as ir

@@ -34,7 +34,6 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
 import shutil
 import statistics
 import subprocess

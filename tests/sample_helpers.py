@@ -5,6 +5,7 @@ models with the recipes the end-to-end tests use."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -96,8 +97,10 @@ def run_sample(
     finally:
         dump.unlink(missing_ok=True)
     tokens = [int(t) for t in r.stdout.split()]
-    rows = len(prompt) + len(tokens) - 1
-    assert raw.size % rows == 0, (raw.size, rows)
+    # rows: the prefill's (all prompt tokens, or the kept ones of a token-pruned model) + one per step
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    assert raw.size % vocab == 0, (raw.size, vocab)
+    rows = raw.size // vocab
     m = re.search(r"kernel path: QMatMul=(\S+)", r.stderr)
     return SampleRun(tokens, raw.reshape(rows, -1), m.group(1) if m else None, r.stderr)
 

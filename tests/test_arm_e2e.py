@@ -26,7 +26,6 @@ import importlib.util
 import numpy as np
 import pytest
 
-from compiler.errors import UserError
 from sample_helpers import REPO, RECIPES, arm_unavailable, build_sample, calib_text, compile_recipe, run_sample
 
 pytestmark = pytest.mark.arm
@@ -58,14 +57,7 @@ def tiny_models(tiny_model_dir, tmp_path_factory):
         needed = {"int4": "passes.int4", "svd": "passes.svd", "token_prune": "passes.token_prune"}
         if any(f'name = "{p}"' in body and importlib.util.find_spec(m) is None for p, m in needed.items()):
             continue
-        try:
-            out[name] = compile_recipe(tiny_model_dir, root, name, calib)
-        except UserError as e:
-            if name != "pruned":
-                raise
-            # token_prune on this tree: its own tests fail the same way (work in progress);
-            # remove this fallback once tests/test_token_prune.py passes
-            out[name] = e
+        out[name] = compile_recipe(tiny_model_dir, root, name, calib)
     return out
 
 
@@ -89,9 +81,6 @@ def test_aarch64_logits_equal_x86(samples, tiny_models, name, cpu):
     if name not in tiny_models:
         pytest.skip(f"the passes of recipe {name} are not there yet")
     model = tiny_models[name]
-    if isinstance(model, Exception):
-        print(f"SKIP: {name} does not compile yet: {model}")
-        pytest.skip(f"{name} does not compile yet: {model}")
     ref = x86_reference(samples, model, name)
     got = run_sample(samples["aarch64"], model, PROMPT, NEW, decode_ids=ref.tokens[:-1], cpu=cpu, libdir=ORT_AARCH64)
     diff = float(np.abs(got.logits.astype(np.float64) - ref.logits).max())

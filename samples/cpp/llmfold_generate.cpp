@@ -239,15 +239,18 @@ int main(int argc, char** argv) {
 
       auto info = outs[0].GetTensorTypeAndShapeInfo();
       auto shape = info.GetShape();
-      if (shape.size() != 3 || shape[1] != S) die("unexpected logits shape");
+      // a token-pruned prefill returns logits for the kept rows only; the last row is always the
+      // last token, so it is the one that predicts the next token
+      if (shape.size() != 3 || shape[1] < 1 || shape[1] > S) die("unexpected logits shape");
+      const int64_t rows = shape[1];
       const int64_t V = shape[2];
       const float* logits = outs[0].GetTensorData<float>();
       if (logits_out) {
-        const float* from = step == 0 ? logits : logits + (S - 1) * V;
-        const size_t n = static_cast<size_t>(step == 0 ? S * V : V);
+        const float* from = step == 0 ? logits : logits + (rows - 1) * V;
+        const size_t n = static_cast<size_t>(step == 0 ? rows * V : V);
         if (std::fwrite(from, sizeof(float), n, logits_out) != n) die("cannot write " + args.logits_path);
       }
-      const float* last = logits + (S - 1) * V;
+      const float* last = logits + (rows - 1) * V;
       const int64_t tok = std::max_element(last, last + V) - last;  // first maximum, like numpy argmax
       generated.push_back(tok);
       seen += S;
