@@ -77,10 +77,12 @@ where that pair would not save parameters stays dense. `budgeted`: the same tota
 parameters removed (≥ the uniform allocation's saving), spent where it costs least. The cost of
 rank k in layer ℓ is its normalized truncation loss Σ_{i>k} σ_i² / Σ_i σ_i² (the relative output
 error of the layer, so layers of different output scale compare), measured on the original model's
-statistics. Choosing one option per layer (dense, or a rank that saves parameters) is a
-multiple-choice knapsack; we solve its Lagrangian relaxation exactly (each layer minimizes
-loss − λ·saving, bisection on λ for the smallest λ meeting the budget) and then hand the
-overshoot back greedily (largest loss reduction first) while the budget still holds.
+statistics (the first `budget_windows` calibration windows: the ranks need the spectra's shape,
+not their last digit). Choosing one option per layer (dense, or a rank that saves parameters) is
+a multiple-choice knapsack; we solve its Lagrangian relaxation exactly (each layer minimizes
+loss − λ·saving, bisection on λ for the smallest λ meeting the budget), hand the overshoot back
+greedily (largest loss reduction first) while the budget still holds, and finish with pairwise
+one-rank swaps between layers that lower the loss at the same budget (the relaxation's gap).
 """
 
 from __future__ import annotations
@@ -497,6 +499,7 @@ class SvdParams:
     min_rank: int = 1
     rank: int | None = None  # a fixed rank for every selected layer (clamped to min(K, N)); overrides ratio
     eps: float = 1e-6  # the positive-definite repair's ε (relative to mean(diag XᵀX))
+    budget_windows: int = 8  # calibration windows measuring the spectra for budgeted ranks
 
     def validate(self) -> None:
         if not (0.0 <= self.ratio < 1.0):
@@ -516,6 +519,8 @@ class SvdParams:
         for p in list(self.include) + list(self.exclude):
             if not p:
                 raise UserError("include/exclude patterns must be non-empty globs like \"layers.*.q\"")
+        if self.budget_windows < 1:
+            raise UserError(f"budget_windows must be at least 1, got {self.budget_windows}")
         if self.residual_target and not self.update:
             raise UserError("residual_target needs update = true (it changes the refit's target)")
 
@@ -849,7 +854,10 @@ class SvdPass(CompilerPass):
 
         def spectra_fn():
             if p.whiten:
-                return self._whitened_spectra(model, structure, layers, runner)
+                # the ranks only need the spectra's shape: a few windows measure it well and keep
+                # this extra pass over the original model cheap
+                few = SubgraphRunner(runner.windows[: p.budget_windows], ctx.threads, runner.kv_shape)
+                return self._whitened_spectra(model, structure, layers, few)
             return {lin.name: whitened_spectrum(self._weight(model, lin), None) for lin in layers}
 
         ranks, spectra = self._ranks(layers, spectra_fn)

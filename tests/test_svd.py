@@ -431,6 +431,7 @@ def test_include_exclude_select_layers(tiny_model_dir, tmp_path):
         ("include = []", "include must name"),
         ("damp = 2.0", "damp must be"),
         ("update = false\nresidual_target = true", "residual_target needs update"),
+        ("budget_windows = 0", "budget_windows must be at least 1"),
         ("ratio = \"20%\"", "ratio"),
         ("rank_ratio = 0.2", "unknown parameter"),
     ],
