@@ -134,7 +134,8 @@ def build_hf_dir(source: str, root: Path, rebuild: bool) -> Path:
 
 def build_genai(hf_dir: Path, precision: str, root: Path, rebuild: bool) -> Path:
     out = root / f"genai-{precision}"
-    key = _digest("genai", precision, str(hf_dir), (hf_dir / "config.json").read_text())
+    hf_stamp = hf_dir.parent / f"{hf_dir.name}.stamp"
+    key = _digest("genai", precision, hf_stamp.read_text() if hf_stamp.is_file() else "", (hf_dir / "config.json").read_text())
     if rebuild or not _stamp_ok(out, key):
         shutil.rmtree(out, ignore_errors=True)
         cache = root / "genai-cache"
