@@ -107,24 +107,14 @@ class _LinearMatch:
         return lin
 
 
-def match_linear(node: ir.Node) -> _LinearMatch | None:
-    """Recognize a linear layer starting at `node` (its first node), else None."""
+def _single_linear(node: ir.Node) -> _LinearMatch | None:
+    """One node computing X·W: a MatMul with a constant 2-D weight, a QMatMul or a MatMulNBits."""
     if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
         x, w = node.inputs
         shape = const_shape(w)
         if x is None or is_const(x) or shape is None or len(shape) != 2:
             return None
-        K, r = shape
-        out = node.outputs[0]
-        uses = list(out.uses())
-        if len(uses) == 1 and not out.is_graph_output():
-            second = uses[0].node
-            if second.op_type == "MatMul" and second.domain in ("", "ai.onnx") and uses[0].idx == 0:
-                shape2 = const_shape(second.inputs[1])
-                if shape2 is not None and len(shape2) == 2 and shape2[0] == r and r < min(K, shape2[1]):
-                    return _LinearMatch(node, [node, second], x, second.outputs[0], K, shape2[1],
-                                        "low-rank", rank=r)
-        return _LinearMatch(node, [node], x, out, K, r, "dense", weight=w.name)
+        return _LinearMatch(node, [node], x, node.outputs[0], shape[0], shape[1], "dense", weight=w.name)
     if node.op_type == "QMatMul" and node.domain == "llmfold":
         a = node.attributes
         return _LinearMatch(node, [node], node.inputs[0], node.outputs[0], a.get_int("K"), a.get_int("N"),
@@ -137,6 +127,38 @@ def match_linear(node: ir.Node) -> _LinearMatch | None:
                             "int4" if bits == 4 else f"int{bits}", bits=bits,
                             block_size=a.get_int("block_size"))
     return None
+
+
+def _layer_tag(node: ir.Node) -> str | None:
+    return node.metadata_props.get("llmfold.layer")
+
+
+def match_linear(node: ir.Node) -> _LinearMatch | None:
+    """Recognize a linear layer starting at `node` (its first node), else None.
+
+    A low-rank pair X·W₁·W₂ is two linear nodes in a row (MatMul or, after the INT4 pass, QMatMul)
+    whose factors the SVD pass tagged with the same metadata_props["llmfold.layer"]; untagged plain
+    MatMul pairs count when the inner size is below both outer sizes (a pair saving parameters)."""
+    first = _single_linear(node)
+    if first is None:
+        return None
+    out = first.output
+    uses = list(out.uses())
+    if len(uses) == 1 and not out.is_graph_output() and uses[0].idx == 0:
+        second = _single_linear(uses[0].node)
+        if second is not None and second.K == first.N:
+            tag1, tag2 = _layer_tag(node), _layer_tag(second.node)
+            tagged = tag1 is not None and tag1 == tag2
+            untagged = (tag1 is None and tag2 is None and first.kind == second.kind == "dense"
+                        and first.N < min(first.K, second.N))
+            if tagged or untagged:
+                quantized = second if second.kind != "dense" else (first if first.kind != "dense" else None)
+                return _LinearMatch(node, [node, second.node], first.input, second.output, first.K, second.N,
+                                    "low-rank", rank=first.N,
+                                    bits=quantized.bits if quantized else None,
+                                    block_size=quantized.block_size if quantized else None,
+                                    act_bits=quantized.act_bits if quantized else None)
+    return first
 
 
 def linears_reading(value: ir.Value) -> list[_LinearMatch]:

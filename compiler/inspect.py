@@ -11,7 +11,8 @@ their library loads into ONNX Runtime; and one row per linear layer (from llmfol
 "structure" when it still matches the graph, else from `compiler.analyze.analyze`):
 
     kind      dense (MatMul with a weight [K, N]), low-rank (two MatMuls [K, r]·[r, N]), int4 (QMatMul)
-    bits      weight bits: the float width for dense/low-rank, the quantized width for int4
+    bits      weight bits: the float width for dense/low-rank, the quantized width for int4 and for
+              a low-rank pair whose factors the INT4 pass quantized
     group     int4 block size along K
     rank      r for low-rank
     bytes     bytes of the layer's initializers (weights, scales, zero points, bias); an initializer
@@ -216,7 +217,7 @@ def linear_rows(model, st) -> list[dict]:
             macs = lin.rank * (lin.K + lin.N)
         else:
             macs = lin.K * lin.N
-        if lin.kind == "int4":
+        if lin.kind == "int4" or (lin.kind == "low-rank" and lin.bits):
             bits = lin.bits or 4
         else:
             w = inits.get(lin.weight) if lin.weight else None
@@ -458,7 +459,7 @@ def _layer_brief(r: dict) -> str:
     s = f"{r['kind']} {r['K']}×{r['N']}"
     if r["kind"] == "low-rank":
         s += f" r={r['rank']}"
-    if r["kind"] == "int4":
+    if r["kind"] == "int4" or (r["kind"] == "low-rank" and r.get("group")):
         s += f" {r['bits']}b g{r['group']}"
         if r.get("act_bits"):
             s += f" a{r['act_bits']}"

@@ -24,7 +24,10 @@ Columns:
   prefill      tokens/s of one 512-token prefill (median of 3 after a warm-up)
   decode       tokens/s of KV-cached greedy steps (median of 64 steps after a 16-token prompt)
 Ours are timed with llmfold's runtime (ORT + custom op library), genai with onnxruntime_genai's
-Generator (its own runtime), llama.cpp with llama-cpp-python's eval.
+Generator (its own runtime), llama.cpp with llama-cpp-python's eval. Our compiled directories
+carry a genai_config.json too, so they are also timed through onnxruntime_genai's Generator —
+the same generator loop as genai's own models — in the columns "genai-loop prefill/decode"
+(not for token-pruned models: genai keeps one KV length for every layer).
 """
 
 from __future__ import annotations
@@ -82,15 +85,16 @@ def _digest(*parts: str | bytes) -> str:
 # --------------------------------------------------------------------------------------------
 # builds
 # --------------------------------------------------------------------------------------------
-def build_ours_fp32(source: str, root: Path, rebuild: bool) -> Path:
-    from compiler.export import export
+def build_ours_fp32(source: str, root: Path, rebuild: bool, attention: str | None = None) -> Path:
+    from compiler.export import DEFAULT_ATTENTION, export
 
+    attention = attention or DEFAULT_ATTENTION
     out = root / "ours-fp32"
-    key = _digest("export", source)
+    key = _digest("export", source, attention)
     if rebuild or not _stamp_ok(out, key):
         shutil.rmtree(out, ignore_errors=True)
-        log(f"exporting {source} -> {out}")
-        export(source, out, progress=False)
+        log(f"exporting {source} ({attention} attention) -> {out}")
+        export(source, out, progress=False, attention=attention)
         _write_stamp(out, key)
     return out
 
@@ -168,6 +172,25 @@ def measure_ours(model_dir: Path, text: Path, seq_len: int, windows: int, thread
 
     r = evaluate(model_dir, text=text, seq_len=seq_len, windows=windows, speed=True, threads=threads, progress=False)
     return {"perplexity": r["perplexity"], "tokens": r["tokens"], "prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"]}
+
+
+def runs_in_genai(model_dir: Path) -> bool:
+    """A directory with genai_config.json whose passes keep one KV length for every layer."""
+    meta = model_dir / "llmfold.json"
+    if not (model_dir / "genai_config.json").is_file():
+        return False
+    if meta.is_file():
+        passes = json.loads(meta.read_text()).get("passes", [])
+        return not any((p.get("name") if isinstance(p, dict) else p) == "token_prune" for p in passes)
+    return True
+
+
+def with_genai_loop(model_dir: Path, m: dict, ids: np.ndarray, threads: int) -> dict:
+    """Add prefill/decode tok/s measured through onnxruntime_genai's Generator when it can run the model."""
+    if runs_in_genai(model_dir):
+        g = genai_speed(model_dir, ids, threads)
+        m = m | {"genai_loop_prefill_tok_s": g["prefill_tok_s"], "genai_loop_decode_tok_s": g["decode_tok_s"]}
+    return m
 
 
 def _set_genai_threads(model_dir: Path, threads: int) -> None:
@@ -279,6 +302,8 @@ def main(argv=None) -> int:
     ap.add_argument("--source", default="smollm2-135m", help="HF dir, .gguf, or the alias smollm2-135m")
     ap.add_argument("--recipes", default="w4a16,w4a8,w4a4", help="comma-separated recipe names or .toml files")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--attention", choices=("fused", "explicit"), default=None,
+                    help="attention layout of our fp32 export (default: the exporter's default)")
     ap.add_argument("--text", type=Path, default=None, help="held-out text (default: evaluation fortunes)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=8)
@@ -297,7 +322,7 @@ def main(argv=None) -> int:
     text = args.text or default_eval_text()
     resolved = resolve_source(args.source)
 
-    fp32 = build_ours_fp32(args.source, root, args.rebuild)
+    fp32 = build_ours_fp32(args.source, root, args.rebuild, args.attention)
     wins, ids = eval_windows(fp32, text, args.seq_len, args.windows)
     rows: list[dict] = []
 
@@ -309,10 +334,11 @@ def main(argv=None) -> int:
         log(f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "model"))
 
     log(f"measuring ours fp32 ({len(wins)} windows × {args.seq_len} tokens, {args.threads} threads)")
-    add("llmfold fp32", fp32, measure_ours(fp32, text, args.seq_len, args.windows, args.threads))
+    loop = (lambda d, m: with_genai_loop(d, m, ids, args.threads)) if not args.no_genai else (lambda d, m: m)
+    add("llmfold fp32", fp32, loop(fp32, measure_ours(fp32, text, args.seq_len, args.windows, args.threads)))
     for recipe in [r for r in args.recipes.split(",") if r]:
         out, secs = build_ours_recipe(fp32, recipe, root, args.threads, args.rebuild)
-        add(f"llmfold {Path(recipe).stem}", out, measure_ours(out, text, args.seq_len, args.windows, args.threads), secs)
+        add(f"llmfold {Path(recipe).stem}", out, loop(out, measure_ours(out, text, args.seq_len, args.windows, args.threads)), secs)
 
     if not args.no_genai:
         hf = build_hf_dir(args.source, root, args.rebuild)
@@ -321,6 +347,7 @@ def main(argv=None) -> int:
             log(f"measuring genai {precision}")
             m = {"perplexity": genai_perplexity(out, wins, args.threads), "tokens": len(wins) * args.seq_len}
             m.update(genai_speed(out, ids, args.threads))
+            m["genai_loop_prefill_tok_s"], m["genai_loop_decode_tok_s"] = m["prefill_tok_s"], m["decode_tok_s"]
             add(f"onnxruntime-genai {precision}", out, m)
 
     if not args.no_llama_cpp and resolved.kind == "gguf":
@@ -348,11 +375,15 @@ def print_table(rows, args, text, n_windows) -> None:
 
     t = Table(title=f"{args.source}: {n_windows}×{args.seq_len} tokens of {Path(text).name}, {args.threads} threads")
     for col, just in (("model", "left"), ("perplexity", "right"), ("× fp32", "right"), ("size MB", "right"),
-                      ("prefill tok/s", "right"), ("decode tok/s", "right"), ("compile s", "right")):
+                      ("prefill tok/s", "right"), ("decode tok/s", "right"), ("genai-loop prefill", "right"),
+                      ("genai-loop decode", "right"), ("compile s", "right")):
         t.add_column(col, justify=just)
     for r in rows:
         t.add_row(r["model"], f"{r['perplexity']:.3f}", f"{r['ppl_ratio']:.3f}", f"{r['size_bytes'] / 1e6:.1f}",
-                  f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}", f"{r['compile_s']:.0f}" if "compile_s" in r else "")
+                  f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
+                  f"{r['genai_loop_prefill_tok_s']:.0f}" if "genai_loop_prefill_tok_s" in r else "—",
+                  f"{r['genai_loop_decode_tok_s']:.1f}" if "genai_loop_decode_tok_s" in r else "—",
+                  f"{r['compile_s']:.0f}" if "compile_s" in r else "")
     Console().print(t)
 
 

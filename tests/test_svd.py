@@ -383,6 +383,35 @@ def test_compile_writes_pairs_with_the_uniform_ranks(tiny_model_dir, tmp_path):
     assert corr > 0.5
 
 
+def test_low_rank_pairs_go_through_the_int4_pass(tiny_model_dir, tmp_path):
+    """svd then int4: both factors of every pair become QMatMuls, the result is still recognized
+    (pairs by their llmfold.layer tags), inspect reports them as 4-bit low-rank, logits stay close."""
+    from compiler.driver import compile_model
+    from compiler.inspect import inspect_model
+    from compiler.modeldir import open_model_dir
+
+    calib = _text(tmp_path)
+    svd_only = compile_model(tiny_model_dir, tmp_path / "svd", recipe=_recipe(tmp_path, "ratio = 0.3"), calib=calib, progress=False)
+    body = 'ratio = 0.3\n\n[[pass]]\nname = "int4"\nalgorithm = "rtn"\nblock_size = 16\nact_bits = 16\nlm_head = false'
+    out = compile_model(tiny_model_dir, tmp_path / "svdq", recipe=_recipe(tmp_path, body, "rq"), calib=calib, progress=False)
+    ranks = {lin.name: lin.rank for b in open_model_dir(svd_only).structure().blocks for lin in b.linears()}
+    structure = open_model_dir(out).structure()
+    for block in structure.blocks:
+        for lin in block.linears():
+            assert lin.kind == "low-rank" and lin.bits == 4 and lin.block_size == 16, lin
+            assert lin.rank == ranks[lin.name]
+    rows = {r["name"]: r for r in inspect_model(out)["linear_layers"]}
+    assert rows["layers.1.down"]["bits"] == 4 and rows["layers.1.down"]["rank"] == ranks["layers.1.down"]
+    from compiler.runtime import open_session
+
+    ids = _text_ids(tiny_model_dir, calib)[0]
+    a = open_session(svd_only, threads=1).prefill_logits(ids)
+    b = open_session(out, threads=1).prefill_logits(ids)
+    corr = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+    print("logit correlation svd vs svd+int4", corr)
+    assert corr > 0.9
+
+
 def test_budgeted_compile_spends_the_uniform_budget(tiny_model_dir, tmp_path):
     import json
 
