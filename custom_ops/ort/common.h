@@ -58,10 +58,11 @@ struct In {
   ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   std::vector<int64_t> shape;
   int64_t count = 0;
+  const void* ptr = nullptr;  // the data, when already fetched
   explicit operator bool() const { return value != nullptr; }
   template <typename T>
   const T* data() const {
-    return Ort::ConstValue(value).GetTensorData<T>();
+    return ptr ? static_cast<const T*>(ptr) : Ort::ConstValue(value).GetTensorData<T>();
   }
 };
 
@@ -116,20 +117,21 @@ struct Op : Ort::Custom::OrtLiteCustomOp {
       }
     };
     OrtCustomOp::KernelComputeV2 = [](void* k, OrtKernelContext* context) -> OrtStatusPtr {
-      const std::string who = std::string("llmfold.") + Kernel::kName + ": ";
+      // (the message prefix is only built on an error: no allocation per call)
+      const auto who = [] { return std::string("llmfold.") + Kernel::kName + ": "; };
       try {
         static_cast<Kernel*>(k)->Compute(context);
         return nullptr;
       } catch (const OpError& e) {
-        return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, (who + e.what()).c_str());
+        return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, (who() + e.what()).c_str());
       } catch (const Ort::Exception& e) {
-        return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), (who + e.what()).c_str());
+        return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), (who() + e.what()).c_str());
       } catch (const std::bad_alloc&) {
-        return Ort::GetApi().CreateStatus(ORT_FAIL, (who + "out of memory").c_str());
+        return Ort::GetApi().CreateStatus(ORT_FAIL, (who() + "out of memory").c_str());
       } catch (const std::exception& e) {
-        return Ort::GetApi().CreateStatus(ORT_FAIL, (who + e.what()).c_str());
+        return Ort::GetApi().CreateStatus(ORT_FAIL, (who() + e.what()).c_str());
       } catch (...) {
-        return Ort::GetApi().CreateStatus(ORT_FAIL, (who + "unknown error").c_str());
+        return Ort::GetApi().CreateStatus(ORT_FAIL, (who() + "unknown error").c_str());
       }
     };
     OrtCustomOp::KernelDestroy = [](void* k) { delete static_cast<Kernel*>(k); };

@@ -36,7 +36,6 @@ void check_nibbles(const uint8_t* p, int64_t n, const char* what) {
 struct QMatMulKernel {
   static constexpr const char* kName = "QMatMul";
   int64_t K, N, block_size, act_bits, n_blocks, n_tiles, Kp;
-  bool zp_checked = false, shift_checked = false;  // constant initializers validated once
 
   explicit QMatMulKernel(const OrtKernelInfo* raw) {
     Ort::ConstKernelInfo info(raw);
@@ -53,31 +52,53 @@ struct QMatMulKernel {
     n_blocks = (K + block_size - 1) / block_size;
     n_tiles = (N + kTileN - 1) / kTileN;
     Kp = n_blocks * block_size;
-    // Constant zero points / shifts are checked here once instead of on every run.
+    // Constant inputs (initializers: B, scales, zero_points, bias, channel_shift) are validated
+    // here once; Compute recognizes them by their data pointer and skips fetching their type and
+    // shape again (a few ORT API calls each, a measurable part of a small M = 1 call).
     const size_t nin = info.GetInputCount();
-    int is_const = 0;
-    if (nin > 3) {
-      Ort::ConstValue z = info.GetTensorConstantInput(3, &is_const);
-      if (is_const && static_cast<const OrtValue*>(z)) {
-        auto ti = z.GetTensorTypeAndShapeInfo();
-        if (ti.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 &&
-            static_cast<int64_t>(ti.GetElementCount()) == n_tiles * n_blocks * kTileN) {
-          check_nibbles(z.GetTensorData<uint8_t>(), n_tiles * n_blocks * kTileN, "zero_points");
-          zp_checked = true;
-        }
-      }
-    }
-    if (nin > 5) {
-      Ort::ConstValue s = info.GetTensorConstantInput(5, &is_const);
-      if (is_const && static_cast<const OrtValue*>(s)) {
-        auto ti = s.GetTensorTypeAndShapeInfo();
-        if (ti.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && static_cast<int64_t>(ti.GetElementCount()) == K) {
-          check_nibbles(s.GetTensorData<uint8_t>(), K, "channel_shift");
-          shift_checked = true;
-        }
-      }
+    const int64_t want_b = n_tiles * (Kp / kGroupK) * 64, want_s = n_tiles * n_blocks * kTileN;
+    const ONNXTensorElementDataType u8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, f32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    const struct {
+      ONNXTensorElementDataType type;
+      int64_t count;
+      const char* nibbles;  // name for check_nibbles, or nullptr
+    } expect[6] = {{f32, 0, nullptr}, {u8, want_b, nullptr}, {f32, want_s, nullptr}, {u8, want_s, "zero_points"},
+                   {f32, N, nullptr}, {u8, K, "channel_shift"}};
+    for (size_t i = 1; i < std::min<size_t>(nin, 6); ++i) {
+      int is_const = 0;
+      Ort::ConstValue v = info.GetTensorConstantInput(i, &is_const);
+      if (!is_const || !static_cast<const OrtValue*>(v) || !v.IsTensor()) continue;
+      auto ti = v.GetTensorTypeAndShapeInfo();
+      if (ti.GetElementType() != expect[i].type || static_cast<int64_t>(ti.GetElementCount()) != expect[i].count)
+        continue;  // Compute reports it
+      if (expect[i].nibbles) check_nibbles(v.GetTensorData<uint8_t>(), expect[i].count, expect[i].nibbles);
+      const_data[i] = v.GetTensorRawData();
+      const_type[i] = expect[i].type;
+      const_count[i] = expect[i].count;
     }
   }
+
+  const void* const_data[6] = {};  // validated constant inputs (by index), else nullptr
+  ONNXTensorElementDataType const_type[6] = {};
+  int64_t const_count[6] = {};
+
+  // Input i: the validated constant without further API calls, or get_input.
+  In fetch(const Ort::KernelContext& ctx, size_t i) const {
+    if (const_data[i] && i < ctx.GetInputCount()) {
+      Ort::ConstValue v = ctx.GetInput(i);
+      if (static_cast<const OrtValue*>(v) && v.GetTensorRawData() == const_data[i]) {
+        In in;
+        in.value = v;
+        in.type = const_type[i];
+        in.count = const_count[i];
+        in.ptr = const_data[i];
+        return in;
+      }
+    }
+    In in = get_input(ctx, i);
+    return in;
+  }
+  bool is_const(const In& in, size_t i) const { return in.ptr && in.ptr == const_data[i]; }
 
   struct Work {
     const KernelTable* kt;
@@ -120,8 +141,8 @@ struct QMatMulKernel {
 
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
-    const In A = get_input(ctx, 0), B = get_input(ctx, 1), S = get_input(ctx, 2), Z = get_input(ctx, 3),
-             bias = get_input(ctx, 4), shift = get_input(ctx, 5);
+    const In A = get_input(ctx, 0), B = fetch(ctx, 1), S = fetch(ctx, 2), Z = fetch(ctx, 3), bias = fetch(ctx, 4),
+             shift = fetch(ctx, 5);
     if (!A) fail("input A is required");
     if (!B) fail("input B (packed weights) is required");
     if (!S) fail("input scales is required");
@@ -147,7 +168,7 @@ struct QMatMulKernel {
         fail("zero_points has ", std::to_string(Z.count), " elements; needs exactly ", std::to_string(want_s),
              " (n_tiles*n_blocks*16)");
       zp = Z.data<uint8_t>();
-      if (!zp_checked) check_nibbles(zp, Z.count, "zero_points");
+      if (!is_const(Z, 3)) check_nibbles(zp, Z.count, "zero_points");
     }
     const float* bp = nullptr;
     if (bias) {
@@ -162,7 +183,7 @@ struct QMatMulKernel {
         fail("channel_shift has ", std::to_string(shift.count), " elements; needs K=", std::to_string(K));
       if (act_bits == 16) fail("channel_shift requires act_bits 8 or 4 (it scales activations before quantization)");
       sh = shift.data<uint8_t>();
-      if (!shift_checked) check_nibbles(sh, K, "channel_shift");
+      if (!is_const(shift, 5)) check_nibbles(sh, K, "channel_shift");
     }
 
     std::vector<int64_t> yshape(A.shape.begin(), A.shape.end() - 1);
@@ -182,23 +203,24 @@ struct QMatMulKernel {
     w.C = Y;
     w.ldc = N;
 
-    std::vector<float> padded;
-    std::vector<int8_t> qbuf;
-    std::vector<float> qscale;
-    std::vector<int32_t> qsum;
+    // Per-thread buffers reused across calls (no allocation or zero-filling per call; quantize_rows
+    // writes every element the kernels read).
+    thread_local std::vector<float> padded;
+    thread_local std::vector<int32_t> qstore;
     if (act_bits == 16) {
       if (Kp == K) {
         w.A = a;
       } else {  // the kernels read Kp columns; pad with zeros only when K is not a block multiple
-        padded.assign(static_cast<size_t>(M * Kp), 0.0f);
+        padded.assign(static_cast<size_t>(M * Kp), 0.0f);  // (zero padding needed; A16 only)
         for (int64_t m = 0; m < M; ++m) std::memcpy(&padded[m * Kp], a + m * K, sizeof(float) * K);
         w.A = padded.data();
       }
     } else {
-      qbuf.resize(static_cast<size_t>(M * Kp));
-      qscale.resize(static_cast<size_t>(M));
-      qsum.resize(static_cast<size_t>(M * n_blocks));
-      w.Q = QuantizedRows{qbuf.data(), qscale.data(), qsum.data(), Kp, n_blocks};
+      const size_t qwords = static_cast<size_t>((M * Kp + 3) / 4), need = qwords + static_cast<size_t>(M + M * n_blocks);
+      if (qstore.size() < need) qstore.resize(need);
+      int32_t* base = qstore.data();
+      w.Q = QuantizedRows{reinterpret_cast<int8_t*>(base), reinterpret_cast<float*>(base + qwords),
+                          base + qwords + M, Kp, n_blocks};
       QuantWork qw{w.kt, a, K, M, 0, act_bits, sh, w.Q};
       const int64_t qtasks = std::max<int64_t>(1, std::min<int64_t>(M / 8, 16));
       qw.rows_per = (M + qtasks - 1) / qtasks;
@@ -206,12 +228,12 @@ struct QMatMulKernel {
       else ctx.ParallelFor(&QMatMulKernel::quant_task, static_cast<size_t>(qtasks), 0, &qw);
     }
 
-    // Task grid: chunks of >= 8 column tiles (per-task setup - activation packing, per-row
-    // prescaling - stays small against the work), at most 64 tasks and about 2^20 MACs per task
-    // at least. ORT's pool balances the tasks over its threads.
+    // Task grid: chunks of >= 8 column tiles, >= 16 for 4+ rows (per-task setup - activation
+    // packing, per-row prescaling - stays small against the work), at most 64 tasks and about
+    // 2^20 MACs per task at least. ORT's pool balances the tasks over its threads.
     const int64_t macs = M * Kp * n_tiles * kTileN;
     const int64_t want = std::max<int64_t>(1, std::min<int64_t>(64, macs >> 20));
-    w.col_tasks = std::max<int64_t>(1, std::min(want, n_tiles / 8));
+    w.col_tasks = std::max<int64_t>(1, std::min(want, n_tiles / (M >= 4 ? 16 : 8)));
     // Row splits repeat the per-tile weight unpacking/dequantization: only when there is a
     // single column chunk.
     w.row_tasks = w.col_tasks > 1 ? 1 : std::max<int64_t>(1, std::min<int64_t>(want, M / 32));

@@ -5,7 +5,9 @@
 // column x 4-k byte matrix whose low nibbles are k0..k0+3 and high nibbles k0+4..k0+7.
 // vpmaddubsw(u8 weight nibbles, s8 activations broadcast per 4 k) gives exact int16 pair sums
 // (|.| <= 2*15*127 = 3810); up to 8 of them are summed in int16 (<= 30480, A8) before vpmaddwd
-// widens to int32, so the integer dots are exact and equal ref's.
+// widens to int32, so the integer dots are exact and equal ref's. For 4+ rows (int_driver) the
+// zero points are folded into those int16 lanes (see pack_strip4) and a 4-row assembly
+// micro-kernel (strip4_groups) runs on tiles unpacked per K chunk.
 // Float path: a weight nibble is isolated in its int32 lane with an AND (no shift) and converted;
 // the activation is pre-multiplied by the matching power of two, which is exact.
 #include <immintrin.h>
@@ -70,10 +72,14 @@ inline void load_bias(const float* bias, int64_t n0, int64_t n, __m256& b0, __m2
   }
 }
 
+// Per-thread scratch of n elements, 64-byte aligned (the micro-kernels load 32-byte halves of
+// 64-byte rows: an unaligned base would split every other load across cache lines).
 template <typename T>
 T* scratch(std::vector<T>& v, size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
+  const size_t pad = 64 / sizeof(T);
+  if (v.size() < n + pad) v.resize(n + pad);
+  const uintptr_t a = reinterpret_cast<uintptr_t>(v.data());
+  return reinterpret_cast<T*>((a + 63) & ~uintptr_t{63});
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -158,9 +164,12 @@ inline void unpack_group(const uint8_t* g, __m256i& l0, __m256i& h0, __m256i& l1
   h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
 }
 
-void unpack_tile(const uint8_t* tdata, int64_t groups, uint8_t* dst) {
+// Unpacks groups of a tile to one byte per nibble; pf (optional): the next piece of weights the
+// caller will unpack, fetched one line per group meanwhile (the hardware prefetcher does not follow
+// the strided chunk order).
+void unpack_tile(const uint8_t* tdata, int64_t groups, uint8_t* dst, const uint8_t* pf) {
   for (int64_t g = 0; g < groups; ++g) {
-    _mm_prefetch(reinterpret_cast<const char*>(tdata + g * 64 + 2048), _MM_HINT_T0);  // weights come from DRAM
+    if (pf) _mm_prefetch(reinterpret_cast<const char*>(pf + g * 64), _MM_HINT_T0);
     __m256i l0, h0, l1, h1;
     unpack_group(tdata + g * 64, l0, h0, l1, h1);
     __m256i* d = reinterpret_cast<__m256i*>(dst + g * 128);
@@ -186,15 +195,19 @@ constexpr int64_t kPrefetchBytes = 2048;
 
 // Exact integer dots of rows m0..m0+R over groups [g0, g1) for both column halves of a tile:
 // int16 lanes (caller bounds g1 - g0 so they cannot overflow), widened to int32 pair sums.
-template <int R, bool kUnpacked>
-inline void int_dots(const int8_t* aq, int64_t rs, int64_t gs, const uint8_t* tdata, const uint8_t* unp, int64_t g0, int64_t g1,
-                     __m256i (*out32)[2]) {
+// kUnpacked: unp holds unpacked groups [ug0, ...) of this tile (a K chunk), else tdata is read.
+// kFixed > 0: g1 - g0 == kFixed, fully unrolled (no short inner loop per block).
+template <int R, bool kUnpacked, int kFixed = 0>
+inline void int_dots(const int8_t* aq, int64_t rs, int64_t gs, const uint8_t* tdata, const uint8_t* unp, int64_t ug0,
+                     int64_t g0, int64_t g1, __m256i (*out32)[2]) {
   __m256i acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  if (kFixed) g1 = g0 + kFixed;
+#pragma GCC unroll 4
   for (int64_t g = g0; g < g1; ++g) {
     __m256i l0, h0, l1, h1;
     if (kUnpacked) {
-      const __m256i* u = reinterpret_cast<const __m256i*>(unp + g * 128);
+      const __m256i* u = reinterpret_cast<const __m256i*>(unp + (g - ug0) * 128);
       l0 = _mm256_loadu_si256(u);
       h0 = _mm256_loadu_si256(u + 1);
       l1 = _mm256_loadu_si256(u + 2);
@@ -204,11 +217,16 @@ inline void int_dots(const int8_t* aq, int64_t rs, int64_t gs, const uint8_t* td
       _mm_prefetch(reinterpret_cast<const char*>(tdata + g * 64 + kPrefetchBytes), _MM_HINT_T0);
       unpack_group(tdata + g * 64, l0, h0, l1, h1);
     }
+    // One broadcast and one product live at a time: 2R accumulators + 4 weights + 2 temporaries
+    // fit the 16 YMM registers for R = 4 (GCC keeps this order on x86).
     for (int r = 0; r < R; ++r) {
       const int8_t* ar = aq + r * rs + g * gs;
-      const __m256i alo = _mm256_set1_epi32(load_i32(ar)), ahi = _mm256_set1_epi32(load_i32(ar + 4));
-      acc[r][0] = _mm256_add_epi16(acc[r][0], _mm256_add_epi16(_mm256_maddubs_epi16(l0, alo), _mm256_maddubs_epi16(h0, ahi)));
-      acc[r][1] = _mm256_add_epi16(acc[r][1], _mm256_add_epi16(_mm256_maddubs_epi16(l1, alo), _mm256_maddubs_epi16(h1, ahi)));
+      const __m256i alo = _mm256_set1_epi32(load_i32(ar));
+      acc[r][0] = _mm256_add_epi16(acc[r][0], _mm256_maddubs_epi16(l0, alo));
+      acc[r][1] = _mm256_add_epi16(acc[r][1], _mm256_maddubs_epi16(l1, alo));
+      const __m256i ahi = _mm256_set1_epi32(load_i32(ar + 4));
+      acc[r][0] = _mm256_add_epi16(acc[r][0], _mm256_maddubs_epi16(h0, ahi));
+      acc[r][1] = _mm256_add_epi16(acc[r][1], _mm256_maddubs_epi16(h1, ahi));
     }
   }
   const __m256i ones16 = _mm256_set1_epi16(1);
@@ -218,11 +236,53 @@ inline void int_dots(const int8_t* aq, int64_t rs, int64_t gs, const uint8_t* td
   }
 }
 
-// Rows m0..m0+R of tile t. kUnpacked: weights from unp (this tile's unpacked buffer).
-// Per block: exact int32 dots, zero-point correction in integers, one FMA with the weight scales
-// into float accumulators.
+// The 4-row x 16-column integer micro-kernel over n >= 1 unpacked groups u (128 bytes each) and a
+// packed activation strip a ([group][4][8]), accumulating into acc (int16 lanes, wrapping adds).
+// Assembly because GCC's allocation of the intrinsics version spills two of the eight
+// accumulators. Registers: acc = 8 operands (ymm0-7), weights ymm8-11 (lo0, hi0, lo1, hi1),
+// activations ymm12-13 (4 k broadcast), products ymm14-15.
+// AT&T order: vpmaddubsw act, w, dst = maddubs(w u8, act s8).
+inline void strip4_groups(const uint8_t* u, const int8_t* a, int64_t n, __m256i (&acc)[4][2]) {
+#define LLMFOLD_ROW(off, A0, A1)                  \
+  "vpbroadcastd " #off "(%[a]), %%ymm12\n\t"      \
+  "vpbroadcastd 4+" #off "(%[a]), %%ymm13\n\t"    \
+  "vpmaddubsw %%ymm12, %%ymm8, %%ymm14\n\t"       \
+  "vpmaddubsw %%ymm12, %%ymm10, %%ymm15\n\t"      \
+  "vpaddw %%ymm14, %" A0 ", %" A0 "\n\t"          \
+  "vpaddw %%ymm15, %" A1 ", %" A1 "\n\t"          \
+  "vpmaddubsw %%ymm13, %%ymm9, %%ymm14\n\t"       \
+  "vpmaddubsw %%ymm13, %%ymm11, %%ymm15\n\t"      \
+  "vpaddw %%ymm14, %" A0 ", %" A0 "\n\t"          \
+  "vpaddw %%ymm15, %" A1 ", %" A1 "\n\t"
+  __asm__ volatile(
+      "1:\n\t"
+      "vmovdqu (%[u]), %%ymm8\n\t"
+      "vmovdqu 32(%[u]), %%ymm9\n\t"
+      "vmovdqu 64(%[u]), %%ymm10\n\t"
+      "vmovdqu 96(%[u]), %%ymm11\n\t"
+      LLMFOLD_ROW(0, "[c00]", "[c01]")
+      LLMFOLD_ROW(8, "[c10]", "[c11]")
+      LLMFOLD_ROW(16, "[c20]", "[c21]")
+      LLMFOLD_ROW(24, "[c30]", "[c31]")
+      "add $128, %[u]\n\t"
+      "add $32, %[a]\n\t"
+      "dec %[n]\n\t"
+      "jnz 1b\n\t"
+      : [u] "+r"(u), [a] "+r"(a), [n] "+r"(n), [c00] "+x"(acc[0][0]), [c01] "+x"(acc[0][1]),
+        [c10] "+x"(acc[1][0]), [c11] "+x"(acc[1][1]), [c20] "+x"(acc[2][0]), [c21] "+x"(acc[2][1]),
+        [c30] "+x"(acc[3][0]), [c31] "+x"(acc[3][1])
+      :
+      : "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory", "cc");
+#undef LLMFOLD_ROW
+}
+
+// Rows m0..m0+R of tile t over blocks [b0, b1). Per block: exact int32 dots, zero-point
+// correction in integers, one FMA with the weight scales into float accumulators.
+// kUnpacked: weights from unp (unpacked groups of this tile starting at group b0 * gpb), float
+// partial sums read from and written back to facc_mem [R][16] (K chunks); otherwise the whole K
+// range is done here and the outputs are written (or the dots, for the test hook).
 template <int R, bool kUnpacked>
-void int_rows(const IntArgs& p, int64_t m0, int64_t t, const uint8_t* unp) {
+void int_rows(const IntArgs& p, int64_t m0, int64_t t, const uint8_t* unp, int64_t b0, int64_t b1, float* facc_mem) {
   const QuantizedRows& A = *p.A;
   const PackedInt4& W = *p.W;
   // Locals, so the stores below cannot force reloads through p.
@@ -234,18 +294,23 @@ void int_rows(const IntArgs& p, int64_t m0, int64_t t, const uint8_t* unp) {
   // int16 bound: A8 lanes grow by <= 2 * 3810 per group, so at most 4 groups; A4 never overflows.
   const int64_t flush = p.act_bits == 4 ? gpb : std::min<int64_t>(gpb, 4);
   const uint8_t* tdata = W.data + t * (Kp / kGroupK) * 64;
+  const int64_t ug0 = b0 * gpb;
   // Activations: row-major rows (few rows), or a strip packed as [group][R][8] (see int_driver)
   // so the broadcasts read one line instead of R rows 4 KB apart (which alias in L1).
   const int8_t* aq = p.apack ? p.apack : A.q + m0 * Kp;
   const int64_t rs = p.apack ? kGroupK : Kp, gs = p.apack ? R * kGroupK : kGroupK;
-  __m256 facc[R][2];  // registers for few rows; the compiler spills them for 4-row strips
+  // Float accumulators: registers for few rows (whole K here); for strips (K chunks) they stay in
+  // facc_mem (L1), updated once per block, so the integer loop keeps all 16 YMM registers.
+  __m256 facc[R][2];
   for (int r = 0; r < R; ++r) facc[r][0] = facc[r][1] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
+  for (int64_t b = b0; b < b1; ++b) {
     __m256i d[R][2];
-    int_dots<R, kUnpacked>(aq, rs, gs, tdata, unp, b * gpb, b * gpb + flush, d);
+    if (flush == 4) int_dots<R, kUnpacked, 4>(aq, rs, gs, tdata, unp, ug0, b * gpb, b * gpb + 4, d);
+    else int_dots<R, kUnpacked>(aq, rs, gs, tdata, unp, ug0, b * gpb, b * gpb + flush, d);
     for (int64_t g0 = b * gpb + flush; g0 < (b + 1) * gpb; g0 += flush) {
       __m256i e[R][2];
-      int_dots<R, kUnpacked>(aq, rs, gs, tdata, unp, g0, g0 + flush, e);
+      if (flush == 4) int_dots<R, kUnpacked, 4>(aq, rs, gs, tdata, unp, ug0, g0, g0 + 4, e);
+      else int_dots<R, kUnpacked>(aq, rs, gs, tdata, unp, ug0, g0, g0 + flush, e);
       for (int r = 0; r < R; ++r) {
         d[r][0] = _mm256_add_epi32(d[r][0], e[r][0]);
         d[r][1] = _mm256_add_epi32(d[r][1], e[r][1]);
@@ -276,25 +341,33 @@ void int_rows(const IntArgs& p, int64_t m0, int64_t t, const uint8_t* unp) {
         d[r][1] = _mm256_sub_epi32(d[r][1], s);
       }
     }
+    if (facc_mem) {
+      for (int r = 0; r < R; ++r) {
+        float* f = facc_mem + r * kTileN;
+        _mm256_storeu_ps(f, _mm256_fmadd_ps(sw0, _mm256_cvtepi32_ps(d[r][0]), _mm256_loadu_ps(f)));
+        _mm256_storeu_ps(f + 8, _mm256_fmadd_ps(sw1, _mm256_cvtepi32_ps(d[r][1]), _mm256_loadu_ps(f + 8)));
+      }
+      continue;
+    }
     for (int r = 0; r < R; ++r) {
       facc[r][0] = _mm256_fmadd_ps(sw0, _mm256_cvtepi32_ps(d[r][0]), facc[r][0]);
       facc[r][1] = _mm256_fmadd_ps(sw1, _mm256_cvtepi32_ps(d[r][1]), facc[r][1]);
     }
   }
-  if (p.dots) return;
+  if (dots || facc_mem) return;
   const int64_t n0 = t * kTileN, nvalid = std::min<int64_t>(kTileN, W.N - n0);
-  __m256 b0, b1;
-  load_bias(p.bias, n0, nvalid, b0, b1);
+  __m256 bb0, bb1;
+  load_bias(p.bias, n0, nvalid, bb0, bb1);
   for (int r = 0; r < R; ++r) {
     const __m256 s = _mm256_set1_ps(A.scale[m0 + r]);
-    store_cols(p.C + (m0 + r) * p.ldc + n0, _mm256_add_ps(_mm256_mul_ps(facc[r][0], s), b0),
-               _mm256_add_ps(_mm256_mul_ps(facc[r][1], s), b1), nvalid);
+    store_cols(p.C + (m0 + r) * p.ldc + n0, _mm256_fmadd_ps(facc[r][0], s, bb0),
+               _mm256_fmadd_ps(facc[r][1], s, bb1), nvalid);
   }
 }
 
 thread_local std::vector<uint8_t> t_unpacked;
-
 thread_local std::vector<int8_t> t_apack;
+thread_local std::vector<float> t_intacc;
 
 // Rows [m0, m0 + R) of the quantized activations as [group][R][8].
 void pack_strip(const QuantizedRows& A, int64_t m0, int R, int8_t* dst) {
@@ -305,44 +378,350 @@ void pack_strip(const QuantizedRows& A, int64_t m0, int R, int8_t* dst) {
   }
 }
 
+// Zero points folded into the int16 accumulators (4-row strips). A phase is the run of groups
+// whose products stay in int16 lanes (A8: 4 groups, A4: the block). Lane 0 of a column's 32-bit
+// lane collects k = 0, 1 (mod 4) of each group, lane 1 k = 2, 3. Starting each lane at
+// -zp * (sum of the activations it will see) makes it end at sum a * (q - zp) over its 4P k,
+// |.| <= 16 * 127 * 15 (A8) or 128 * 7 * 15 (A4) < 2^15: exact even though the running value may
+// wrap (vpaddw is modular; vpmaddubsw never saturates here, |2 * 15 * 127| < 2^15).
+// corr[phase][r] holds the two lane sums of row r as int16 (s0, s1).
+// With symmetric weights (no zero points, zp = 8) the pair is stored premultiplied by -8, which is
+// then the accumulators' initial value as is.
+// Packs rows [m0, m0 + 4) as [group][4][8] and computes their lane sums per phase (Kp / 8 groups,
+// an even count, as are phase_groups).
+void pack_strip4(const QuantizedRows& A, int64_t m0, int64_t phase_groups, bool times_minus8, int8_t* dst,
+                 int32_t* corr) {
+  const int64_t groups = A.Kp / kGroupK;
+  const int8_t* q0 = A.q + m0 * A.Kp;
+  const int8_t *q1 = q0 + A.Kp, *q2 = q1 + A.Kp, *q3 = q2 + A.Kp;
+  const __m256i ones8 = _mm256_set1_epi8(1), m8 = _mm256_set1_epi16(times_minus8 ? -8 : 1);
+  const __m256i pick = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+  __m256i sum = _mm256_setzero_si256();
+  for (int64_t g = 0; g < groups; g += 2) {
+    const int64_t k = g * kGroupK;
+    const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q0 + k));
+    const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q1 + k));
+    const __m128i r2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q2 + k));
+    const __m128i r3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q3 + k));
+    const __m256i va = _mm256_setr_m128i(_mm_unpacklo_epi64(r0, r1), _mm_unpacklo_epi64(r2, r3));  // group g
+    const __m256i vb = _mm256_setr_m128i(_mm_unpackhi_epi64(r0, r1), _mm_unpackhi_epi64(r2, r3));  // group g + 1
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + g * 32), va);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + g * 32 + 32), vb);
+    // int16 pair sums (q0+q1, q2+q3, q4+q5, q6+q7) per row, then (q0+q1+q4+q5, q2+q3+q6+q7).
+    __m256i pr = _mm256_add_epi16(_mm256_maddubs_epi16(ones8, va), _mm256_maddubs_epi16(ones8, vb));
+    sum = _mm256_add_epi16(sum, _mm256_add_epi16(pr, _mm256_shuffle_epi32(pr, 0xB1)));
+    if ((g + 2) % phase_groups == 0) {
+      const __m256i c = _mm256_permutevar8x32_epi32(_mm256_mullo_epi16(sum, m8), pick);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(corr + (g + 2 - phase_groups) / phase_groups * 4),
+                       _mm256_castsi256_si128(c));
+      sum = _mm256_setzero_si256();
+    }
+  }
+}
+
+// Rows m0..m0+3 (a full strip, activations apack [group][4][8], lane sums corr) of tile t over
+// blocks [b0, b1), weights from unp (unpacked groups from b0 * gpb). Float partial sums in facc
+// [4][16] (one FMA per block with the weight scales), or the exact dots for the test hook.
+template <bool kOnePhase>
+void strip4_blocks_t(const IntArgs& p, int64_t m0, int64_t t, const int8_t* apack, const int32_t* corr,
+                     const uint8_t* unp, int64_t b0, int64_t b1, int64_t phase_groups, float* facc) {
+  const PackedInt4& W = *p.W;
+  const int64_t nb = W.n_blocks, gpb = W.block_size / kGroupK, phases = kOnePhase ? 1 : gpb / phase_groups;
+  const float* const scales = W.scales;
+  const uint8_t* const zps = W.zero_points;
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t sidx = (t * nb + b) * kTileN;
+    // -zp per column as int16 pairs (both lanes of a column's 32-bit lane).
+    __m256i nz0, nz1;
+    if (zps) {
+      const __m128i z = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zps + sidx));
+      const __m256i dup = _mm256_set1_epi32(0x00010001), zero = _mm256_setzero_si256();  // zp in both halves, negated
+      nz0 = _mm256_sub_epi16(zero, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(z), dup));
+      nz1 = _mm256_sub_epi16(zero, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(z, 8)), dup));
+    } else {
+      nz0 = nz1 = _mm256_set1_epi16(-8);  // (unused: corr is premultiplied)
+    }
+    __m256i d[4][2] = {};
+    for (int64_t ph = 0; ph < phases; ++ph) {
+      const int64_t g0 = b * gpb + ph * phase_groups;
+      const int32_t* c = corr + (g0 / phase_groups) * 4;
+      __m256i acc[4][2];
+      for (int r = 0; r < 4; ++r) {
+        const __m256i s = _mm256_set1_epi32(c[r]);
+        acc[r][0] = zps ? _mm256_mullo_epi16(s, nz0) : s;
+        acc[r][1] = zps ? _mm256_mullo_epi16(s, nz1) : s;
+      }
+      strip4_groups(unp + (g0 - b0 * gpb) * 128, apack + g0 * 4 * kGroupK, phase_groups, acc);
+      if (kOnePhase && !p.dots) {  // widen, scale and accumulate row by row (no int32 array live)
+        const __m256 sw0 = _mm256_loadu_ps(scales + sidx), sw1 = _mm256_loadu_ps(scales + sidx + 8);
+        for (int r = 0; r < 4; ++r) {
+          float* f = facc + r * kTileN;
+          const __m256 v0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(acc[r][0], ones16));
+          const __m256 v1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(acc[r][1], ones16));
+          _mm256_storeu_ps(f, _mm256_fmadd_ps(sw0, v0, _mm256_loadu_ps(f)));
+          _mm256_storeu_ps(f + 8, _mm256_fmadd_ps(sw1, v1, _mm256_loadu_ps(f + 8)));
+        }
+        break;
+      }
+      for (int r = 0; r < 4; ++r) {
+        const __m256i w0 = _mm256_madd_epi16(acc[r][0], ones16), w1 = _mm256_madd_epi16(acc[r][1], ones16);
+        d[r][0] = kOnePhase ? w0 : _mm256_add_epi32(d[r][0], w0);
+        d[r][1] = kOnePhase ? w1 : _mm256_add_epi32(d[r][1], w1);
+      }
+    }
+    if (kOnePhase && !p.dots) continue;
+    if (p.dots) {  // test hook: the plain dots, sum a q = sum a (q - zp) + zp * block sum
+      const int64_t Np = W.n_tiles * kTileN;
+      __m256i z0 = _mm256_set1_epi32(8), z1 = z0;
+      if (zps) {
+        const __m128i z = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zps + sidx));
+        z0 = _mm256_cvtepu8_epi32(z);
+        z1 = _mm256_cvtepu8_epi32(_mm_srli_si128(z, 8));
+      }
+      for (int r = 0; r < 4; ++r) {
+        const __m256i bs = _mm256_set1_epi32(p.A->block_sum[(m0 + r) * nb + b]);
+        int32_t* o = p.dots + ((m0 + r) * nb + b) * Np + t * kTileN;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_add_epi32(d[r][0], _mm256_mullo_epi32(z0, bs)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 8), _mm256_add_epi32(d[r][1], _mm256_mullo_epi32(z1, bs)));
+      }
+      continue;
+    }
+    const __m256 sw0 = _mm256_loadu_ps(scales + sidx), sw1 = _mm256_loadu_ps(scales + sidx + 8);
+    for (int r = 0; r < 4; ++r) {
+      float* f = facc + r * kTileN;
+      _mm256_storeu_ps(f, _mm256_fmadd_ps(sw0, _mm256_cvtepi32_ps(d[r][0]), _mm256_loadu_ps(f)));
+      _mm256_storeu_ps(f + 8, _mm256_fmadd_ps(sw1, _mm256_cvtepi32_ps(d[r][1]), _mm256_loadu_ps(f + 8)));
+    }
+  }
+}
+
+void strip4_blocks(const IntArgs& p, int64_t m0, int64_t t, const int8_t* apack, const int32_t* corr,
+                   const uint8_t* unp, int64_t b0, int64_t b1, int64_t phase_groups, float* facc) {
+  if (phase_groups == p.W->block_size / kGroupK) strip4_blocks_t<true>(p, m0, t, apack, corr, unp, b0, b1, phase_groups, facc);
+  else strip4_blocks_t<false>(p, m0, t, apack, corr, unp, b0, b1, phase_groups, facc);
+}
+
+// Rows [m0, m1) of tile t over blocks [b0, b1): full 4-row strips by strip4_blocks, the last
+// 1-3 rows by int_rows.
+void int_strips(const IntArgs& p, int64_t m0, int64_t m1, const int8_t* apack, const int32_t* corr,
+                int64_t corr_stride, int64_t phase_groups, int64_t t, const uint8_t* unp, int64_t b0, int64_t b1,
+                float* acc /*[m1-m0][16] or nullptr*/) {
+  const int64_t Kp = p.W->Kp();
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4)
+    strip4_blocks(p, m, t, apack + (m - m0) * Kp, corr + (m - m0) / 4 * corr_stride, unp, b0, b1, phase_groups,
+                  acc ? acc + (m - m0) * kTileN : nullptr);
+  IntArgs q = p;
+  q.apack = apack + (m - m0) * Kp;
+  float* a = acc ? acc + (m - m0) * kTileN : nullptr;
+  const int64_t rest = m1 - m;
+  if (rest == 1) int_rows<1, true>(q, m, t, unp, b0, b1, a);
+  else if (rest == 2) int_rows<2, true>(q, m, t, unp, b0, b1, a);
+  else if (rest == 3) int_rows<3, true>(q, m, t, unp, b0, b1, a);
+}
+
+thread_local std::vector<int32_t> t_corr;
+
+// One row (decode), two tiles at a time (the activation broadcasts and the loop serve both), with
+// the zero points folded into the int16 lanes as for the strips: lane sums of the row per phase,
+// lsum[phase] = (s0, s1) premultiplied by -8 for symmetric weights.
+void row_lane_sums(const int8_t* q, int64_t Kp, int64_t phase_groups, bool times_minus8, int32_t* lsum) {
+  const __m256i ones8 = _mm256_set1_epi8(1), m8 = _mm256_set1_epi16(times_minus8 ? -8 : 1);
+  const int64_t groups = Kp / kGroupK;
+  // 32 bytes = 4 groups; phases of 2 groups (block 16) use the halves.
+  for (int64_t g = 0; g < groups; g += 4) {
+    __m256i pr;
+    if (g + 4 <= groups) {
+      pr = _mm256_maddubs_epi16(ones8, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * kGroupK)));
+    } else {  // 2 groups left
+      pr = _mm256_maddubs_epi16(ones8, _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * kGroupK)), 0));
+    }
+    pr = _mm256_mullo_epi16(_mm256_add_epi16(pr, _mm256_shuffle_epi32(pr, 0xB1)), m8);  // group pairs in 32-bit lanes 0, 2, 4, 6
+    alignas(32) int16_t v[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(v), pr);
+    for (int j = 0; j < 4 && g + j < groups; ++j) {
+      const int64_t ph = (g + j) / phase_groups;
+      if ((g + j) % phase_groups == 0) lsum[2 * ph] = lsum[2 * ph + 1] = 0;
+      lsum[2 * ph] += v[4 * j];
+      lsum[2 * ph + 1] += v[4 * j + 1];
+    }
+  }
+}
+
+template <int NT, bool kOnePhase>
+void row1_tiles(const IntArgs& p, int64_t t, const int32_t* lsum, int64_t phase_groups) {
+  const QuantizedRows& A = *p.A;
+  const PackedInt4& W = *p.W;
+  const int64_t Kp = W.Kp(), nb = W.n_blocks, gpb = W.block_size / kGroupK;
+  const int64_t phases = kOnePhase ? 1 : gpb / phase_groups, tstride = (Kp / kGroupK) * 64;
+  const uint8_t* const zps = W.zero_points;
+  const float* const scales = W.scales;
+  const int8_t* const aq = A.q;
+  const uint8_t* td = W.data + t * tstride;
+  const __m256i ones16 = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0F);
+  __m256 facc[NT][2];
+  for (int i = 0; i < NT; ++i) facc[i][0] = facc[i][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i nz[NT][2];
+    if (zps) {
+      const __m256i dup = _mm256_set1_epi32(0x00010001), zero = _mm256_setzero_si256();
+      for (int i = 0; i < NT; ++i) {
+        const __m128i z = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zps + ((t + i) * nb + b) * kTileN));
+        nz[i][0] = _mm256_sub_epi16(zero, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(z), dup));
+        nz[i][1] = _mm256_sub_epi16(zero, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(z, 8)), dup));
+      }
+    }
+    __m256i d[NT][2] = {};
+    for (int64_t ph = 0; ph < phases; ++ph) {
+      const int64_t g0 = b * gpb + ph * phase_groups, pi = g0 / phase_groups;
+      const __m256i s = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(lsum[2 * pi])) |
+                                                               (static_cast<uint32_t>(static_cast<uint16_t>(lsum[2 * pi + 1])) << 16)));
+      __m256i acc[NT][2];
+      for (int i = 0; i < NT; ++i) {
+        acc[i][0] = zps ? _mm256_mullo_epi16(s, nz[i][0]) : s;
+        acc[i][1] = zps ? _mm256_mullo_epi16(s, nz[i][1]) : s;
+      }
+      for (int64_t g = g0; g < g0 + phase_groups; ++g) {
+        const __m256i alo = _mm256_set1_epi32(load_i32(aq + g * kGroupK));
+        const __m256i ahi = _mm256_set1_epi32(load_i32(aq + g * kGroupK + 4));
+        for (int i = 0; i < NT; ++i) {
+          const uint8_t* gp = td + i * tstride + g * 64;
+          _mm_prefetch(reinterpret_cast<const char*>(gp + kPrefetchBytes), _MM_HINT_T0);
+          const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gp));
+          const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gp + 32));
+          acc[i][0] = _mm256_add_epi16(acc[i][0], _mm256_maddubs_epi16(_mm256_and_si256(v0, mask), alo));
+          acc[i][1] = _mm256_add_epi16(acc[i][1], _mm256_maddubs_epi16(_mm256_and_si256(v1, mask), alo));
+          acc[i][0] = _mm256_add_epi16(acc[i][0], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), mask), ahi));
+          acc[i][1] = _mm256_add_epi16(acc[i][1], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), mask), ahi));
+        }
+      }
+      for (int i = 0; i < NT; ++i)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i w = _mm256_madd_epi16(acc[i][h], ones16);
+          d[i][h] = (kOnePhase || ph == 0) ? w : _mm256_add_epi32(d[i][h], w);
+        }
+    }
+    if (p.dots) {  // test hook: sum a q = sum a (q - zp) + zp * block sum
+      const int64_t Np = W.n_tiles * kTileN;
+      const __m256i bs = _mm256_set1_epi32(A.block_sum[b]);
+      for (int i = 0; i < NT; ++i) {
+        __m256i z0 = _mm256_set1_epi32(8), z1 = z0;
+        if (zps) {
+          const __m128i z = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zps + ((t + i) * nb + b) * kTileN));
+          z0 = _mm256_cvtepu8_epi32(z);
+          z1 = _mm256_cvtepu8_epi32(_mm_srli_si128(z, 8));
+        }
+        int32_t* o = p.dots + b * Np + (t + i) * kTileN;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_add_epi32(d[i][0], _mm256_mullo_epi32(z0, bs)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 8), _mm256_add_epi32(d[i][1], _mm256_mullo_epi32(z1, bs)));
+      }
+      continue;
+    }
+    for (int i = 0; i < NT; ++i) {
+      const float* sw = scales + ((t + i) * nb + b) * kTileN;
+      facc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(sw), _mm256_cvtepi32_ps(d[i][0]), facc[i][0]);
+      facc[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(sw + 8), _mm256_cvtepi32_ps(d[i][1]), facc[i][1]);
+    }
+  }
+  if (p.dots) return;
+  const __m256 rs = _mm256_set1_ps(A.scale[0]);
+  for (int i = 0; i < NT; ++i) {
+    const int64_t n0 = (t + i) * kTileN, nvalid = std::min<int64_t>(kTileN, W.N - n0);
+    __m256 bb0, bb1;
+    load_bias(p.bias, n0, nvalid, bb0, bb1);
+    store_cols(p.C + n0, _mm256_fmadd_ps(facc[i][0], rs, bb0), _mm256_fmadd_ps(facc[i][1], rs, bb1), nvalid);
+  }
+}
+
+thread_local std::vector<int32_t> t_lsum;
+
+void row1_driver(const IntArgs& p, int64_t tile_begin, int64_t tile_end) {
+  const PackedInt4& W = *p.W;
+  const int64_t Kp = W.Kp(), gpb = W.block_size / kGroupK;
+  const int64_t phase_groups = p.act_bits == 4 ? gpb : std::min<int64_t>(gpb, 4);  // int16 lane bound, see pack_strip4
+  int32_t* lsum = scratch(t_lsum, static_cast<size_t>(2 * (Kp / kGroupK / phase_groups)));
+  row_lane_sums(p.A->q, Kp, phase_groups, W.zero_points == nullptr, lsum);
+  const bool one = phase_groups == gpb;
+  int64_t t = tile_begin;
+  for (; t + 2 <= tile_end; t += 2) {
+    if (one) row1_tiles<2, true>(p, t, lsum, phase_groups);
+    else row1_tiles<2, false>(p, t, lsum, phase_groups);
+  }
+  if (t < tile_end) {
+    if (one) row1_tiles<1, true>(p, t, lsum, phase_groups);
+    else row1_tiles<1, false>(p, t, lsum, phase_groups);
+  }
+}
+
 void int_driver(const IntArgs& p, int64_t M, int64_t tile_begin, int64_t tile_end) {
   const PackedInt4& W = *p.W;
-  const int64_t groups = W.Kp() / kGroupK;
+  const int64_t nb = W.n_blocks;
+  if (M == 1) {
+    row1_driver(p, tile_begin, tile_end);
+    return;
+  }
   if (M < 4) {
     for (int64_t t = tile_begin; t < tile_end; ++t) {
-      if (M == 1) int_rows<1, false>(p, 0, t, nullptr);
-      else if (M == 2) int_rows<2, false>(p, 0, t, nullptr);
-      else if (M == 3) int_rows<3, false>(p, 0, t, nullptr);
+      if (M == 2) int_rows<2, false>(p, 0, t, nullptr, 0, nb, nullptr);
+      else if (M == 3) int_rows<3, false>(p, 0, t, nullptr, 0, nb, nullptr);
     }
     return;
   }
-  // Each tile is unpacked once per row block and reused by all its strips of kStrip rows
-  // (4 rows x 16 columns: 8 int16 accumulators, 4 weight and 2 activation registers; measured a
-  // little faster than 3-row strips without spills, as each weight load feeds more rows).
-  // Row blocks of up to 1 MB of activations: usually one block, so the packed weights stream from
-  // memory once (re-reading them per block costs more than activations spilling from L2 to L3).
-  constexpr int64_t kStrip = 4;
-  const int64_t Kp = W.Kp();
-  const int64_t rb = std::max<int64_t>(kStrip, std::min<int64_t>(M, (int64_t{1} << 20) / Kp / kStrip * kStrip));
-  uint8_t* unp = scratch(t_unpacked, static_cast<size_t>(groups * 128));
+  // GEMM blocking: K chunks of kChunk k (whole blocks; the chunk of a tile, unpacked to one byte
+  // per nibble, is 16 * kChunk bytes = 8 KB and stays in L1), each tile's chunk unpacked once per
+  // row block and reused by all its 4-row strips (4 rows x 16 columns: 8 int16 accumulators,
+  // 4 weight and 2 activation registers). Activations are packed per 4-row strip as [group][4][8]
+  // (one row block: up to 1 MB, usually all rows, so the packed weights stream from memory once);
+  // the chunk of every strip (4 x kChunk bytes) is read from L2 per tile. Float partial sums live
+  // in acc [tile][row][16] between chunks; tile groups bound it to ~512 KB.
+  const int64_t Kp = W.Kp(), bs = W.block_size, gpb = bs / kGroupK;
+  const int64_t chunk_blocks = std::max<int64_t>(1, 512 / bs);
+  const int64_t rb = std::max<int64_t>(4, std::min<int64_t>(M, (int64_t{1} << 20) / Kp / 4 * 4));
+  uint8_t* unp = scratch(t_unpacked, static_cast<size_t>(chunk_blocks * gpb * 128));
   int8_t* apack = scratch(t_apack, static_cast<size_t>(rb * Kp));
+  const int64_t groups = Kp / kGroupK;
+  const int64_t phase_groups = p.act_bits == 4 ? gpb : std::min<int64_t>(gpb, 4);  // see pack_strip4
+  const int64_t corr_stride = groups / phase_groups * 4;
+  int32_t* corr = scratch(t_corr, static_cast<size_t>(rb / 4 * corr_stride + 1));
+  const int64_t tgroup = std::max<int64_t>(1, (int64_t{1} << 19) / (rb * kTileN * 4));
+  float* acc = p.dots ? nullptr : scratch(t_intacc, static_cast<size_t>(std::min(tgroup, tile_end - tile_begin) * rb * kTileN));
   for (int64_t m0 = 0; m0 < M; m0 += rb) {
-    const int64_t m1 = std::min(M, m0 + rb);
-    for (int64_t m = m0; m < m1; m += kStrip)
-      pack_strip(*p.A, m, static_cast<int>(std::min<int64_t>(kStrip, m1 - m)), apack + (m - m0) * Kp);
-    for (int64_t t = tile_begin; t < tile_end; ++t) {
-      unpack_tile(W.data + t * groups * 64, groups, unp);
-      IntArgs q = p;
-      int64_t m = m0;
-      for (; m + kStrip <= m1; m += kStrip) {
-        q.apack = apack + (m - m0) * Kp;
-        int_rows<kStrip, true>(q, m, t, unp);
+    const int64_t m1 = std::min(M, m0 + rb), rows = m1 - m0;
+    for (int64_t m = m0; m < m1; m += 4) {
+      if (m + 4 <= m1)
+        pack_strip4(*p.A, m, phase_groups, W.zero_points == nullptr, apack + (m - m0) * Kp,
+                    corr + (m - m0) / 4 * corr_stride);
+      else
+        pack_strip(*p.A, m, static_cast<int>(m1 - m), apack + (m - m0) * Kp);
+    }
+    for (int64_t tg = tile_begin; tg < tile_end; tg += tgroup) {
+      const int64_t tg1 = std::min(tile_end, tg + tgroup);
+      if (acc) std::fill(acc, acc + (tg1 - tg) * rows * kTileN, 0.0f);
+      for (int64_t b0 = 0; b0 < nb; b0 += chunk_blocks) {
+        const int64_t b1 = std::min(nb, b0 + chunk_blocks);
+        for (int64_t t = tg; t < tg1; ++t) {
+          const uint8_t* src = W.data + (t * (Kp / kGroupK) + b0 * gpb) * 64;
+          const uint8_t* next = t + 1 < tg1 ? src + (Kp / kGroupK) * 64
+                                : b1 < nb  ? W.data + (tg * (Kp / kGroupK) + b1 * gpb) * 64
+                                           : nullptr;
+          unpack_tile(src, (b1 - b0) * gpb, unp, next);
+          int_strips(p, m0, m1, apack, corr, corr_stride, phase_groups, t, unp, b0, b1,
+                     acc ? acc + (t - tg) * rows * kTileN : nullptr);
+        }
       }
-      q.apack = apack + (m - m0) * Kp;
-      const int64_t rest = m1 - m;
-      if (rest == 1) int_rows<1, true>(q, m, t, unp);
-      else if (rest == 2) int_rows<2, true>(q, m, t, unp);
-      else if (rest == 3) int_rows<3, true>(q, m, t, unp);
+      if (!acc) continue;
+      for (int64_t t = tg; t < tg1; ++t) {  // epilogue: row scale and bias
+        const float* ta = acc + (t - tg) * rows * kTileN;
+        const int64_t n0 = t * kTileN, nvalid = std::min<int64_t>(kTileN, W.N - n0);
+        __m256 bb0, bb1;
+        load_bias(p.bias, n0, nvalid, bb0, bb1);
+        for (int64_t m = m0; m < m1; ++m) {
+          const __m256 s = _mm256_set1_ps(p.A->scale[m]);
+          store_cols(p.C + m * p.ldc + n0, _mm256_fmadd_ps(_mm256_loadu_ps(ta + (m - m0) * kTileN), s, bb0),
+                     _mm256_fmadd_ps(_mm256_loadu_ps(ta + (m - m0) * kTileN + 8), s, bb1), nvalid);
+        }
+      }
     }
   }
 }
@@ -485,49 +864,110 @@ void dequant_chunk(const PackedInt4& W, int64_t t, int64_t k0, int64_t k1, float
   }
 }
 
-template <int R>
-void fma_rows(const float* A, int64_t lda, const float* panel, int64_t kn, float* acc) {
-  __m256 c[R][2];
-  for (int r = 0; r < R; ++r) {
-    c[r][0] = _mm256_loadu_ps(acc + r * kTileN);
-    c[r][1] = _mm256_loadu_ps(acc + r * kTileN + 8);
+// Activations of a K chunk packed per strip of 6 rows as [k][8] (lanes 6, 7 unused): the 6 x 16
+// micro-kernel then broadcasts from one stream instead of 6 rows Kp * 4 bytes apart, which for
+// K a multiple of 1024 all map to the same L1 sets as each other and the panel.
+constexpr int64_t kA16Strip = 6;
+thread_local std::vector<float> t_apanel;
+
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
   }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
+    r[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
+  }
+}
+
+// Rows [m, m + R) (R <= 8) x k [k0, k0 + kn) (kn a multiple of 8) as [k][8] (lanes >= R unused).
+void pack_a16_strip(const float* A, int64_t lda, int64_t m, int64_t R, int64_t k0, int64_t kn, float* d) {
+  const float* rows[8];
+  for (int r = 0; r < 8; ++r) rows[r] = A + (m + std::min<int64_t>(r, R - 1)) * lda + k0;
+  for (int64_t k = 0; k < kn; k += 8) {
+    __m256 v[8];
+    for (int r = 0; r < 8; ++r) v[r] = _mm256_loadu_ps(rows[r] + k);
+    transpose8(v);
+    for (int j = 0; j < 8; ++j) _mm256_store_ps(d + (k + j) * 8, v[j]);
+  }
+}
+
+// Row strips: 6 rows each, except that a last strip of 1 or 2 rows (a quarter or half of the FMA
+// throughput: too few independent accumulators) is merged with the one before into 4 + 3 or 4 + 4.
+int64_t a16_strips(int64_t M, int64_t* start, int64_t* rows) {
+  int64_t n = 0, m = 0;
+  const int64_t full = M / kA16Strip, rest = M % kA16Strip;
+  const int64_t six = (rest == 1 || rest == 2) && full > 0 ? full - 1 : full;
+  for (int64_t i = 0; i < six; ++i, m += kA16Strip) start[n] = m, rows[n++] = kA16Strip;
+  const int64_t left = M - m;
+  if (left > kA16Strip) {
+    start[n] = m, rows[n++] = 4;
+    start[n] = m + 4, rows[n++] = left - 4;
+  } else if (left > 0) {
+    start[n] = m, rows[n++] = left;
+  }
+  return n;
+}
+
+// Each chunk's sums start from zero and are then added to acc: rounding chains of <= 256 + K / 256
+// additions instead of K (same-sign products over long K stay within the 1e-5 bound).
+template <int R>
+void fma_rows(const float* ap, const float* panel, int64_t kn, float* acc) {
+  __m256 c[R][2];
+  for (int r = 0; r < R; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < kn; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(panel + k * kTileN), w1 = _mm256_loadu_ps(panel + k * kTileN + 8);
+    const __m256 w0 = _mm256_load_ps(panel + k * kTileN), w1 = _mm256_load_ps(panel + k * kTileN + 8);
     for (int r = 0; r < R; ++r) {
-      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+      const __m256 a = _mm256_broadcast_ss(ap + k * 8 + r);
       c[r][0] = _mm256_fmadd_ps(w0, a, c[r][0]);
       c[r][1] = _mm256_fmadd_ps(w1, a, c[r][1]);
     }
   }
   for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(acc + r * kTileN, c[r][0]);
-    _mm256_storeu_ps(acc + r * kTileN + 8, c[r][1]);
+    _mm256_storeu_ps(acc + r * kTileN, _mm256_add_ps(_mm256_loadu_ps(acc + r * kTileN), c[r][0]));
+    _mm256_storeu_ps(acc + r * kTileN + 8, _mm256_add_ps(_mm256_loadu_ps(acc + r * kTileN + 8), c[r][1]));
   }
 }
 
-// Tiles [tile_begin, tile_end) with K chunks outermost: the chunk of every row (M x 256 floats)
-// stays in L2 while the tiles pass; partial sums live in acc [tile][M][16].
+// Tiles [tile_begin, tile_end) with K chunks outermost: the packed chunk of every row
+// (M x 256 floats) stays in L2 while the tiles pass; partial sums live in acc [tile][M][16].
 void a16_tile_group(const float* A, int64_t M, const PackedInt4& W, int64_t tile_begin, int64_t tile_end,
                     const float* bias, float* C, int64_t ldc) {
   const int64_t Kp = W.Kp(), nt = tile_end - tile_begin;
+  const int64_t max_strips = M / kA16Strip + 2;
+  thread_local std::vector<int64_t> t_strips;
+  int64_t* sstart = scratch(t_strips, static_cast<size_t>(2 * max_strips));
+  int64_t* srows = sstart + max_strips;
+  const int64_t strips = a16_strips(M, sstart, srows);
   float* panel = scratch(t_panel, static_cast<size_t>(kChunkK * kTileN));
   float* acc = scratch(t_tileacc, static_cast<size_t>(nt * M * kTileN));
+  float* apk = scratch(t_apanel, static_cast<size_t>(strips * kChunkK * 8));
   std::fill(acc, acc + nt * M * kTileN, 0.0f);
   for (int64_t k0 = 0; k0 < Kp; k0 += kChunkK) {
     const int64_t k1 = std::min(Kp, k0 + kChunkK), kn = k1 - k0;
+    for (int64_t i = 0; i < strips; ++i) pack_a16_strip(A, Kp, sstart[i], srows[i], k0, kn, apk + i * kn * 8);
     for (int64_t t = tile_begin; t < tile_end; ++t) {
       float* tacc = acc + (t - tile_begin) * M * kTileN;
       dequant_chunk(W, t, k0, k1, panel);
-      int64_t m = 0;
-      for (; m + 6 <= M; m += 6) fma_rows<6>(A + m * Kp + k0, Kp, panel, kn, tacc + m * kTileN);
-      switch (M - m) {
-        case 5: fma_rows<5>(A + m * Kp + k0, Kp, panel, kn, tacc + m * kTileN); break;
-        case 4: fma_rows<4>(A + m * Kp + k0, Kp, panel, kn, tacc + m * kTileN); break;
-        case 3: fma_rows<3>(A + m * Kp + k0, Kp, panel, kn, tacc + m * kTileN); break;
-        case 2: fma_rows<2>(A + m * Kp + k0, Kp, panel, kn, tacc + m * kTileN); break;
-        case 1: fma_rows<1>(A + m * Kp + k0, Kp, panel, kn, tacc + m * kTileN); break;
-        default: break;
+      for (int64_t i = 0; i < strips; ++i) {
+        const float* ap = apk + i * kn * 8;
+        float* c = tacc + sstart[i] * kTileN;
+        switch (srows[i]) {
+          case 6: fma_rows<6>(ap, panel, kn, c); break;
+          case 5: fma_rows<5>(ap, panel, kn, c); break;
+          case 4: fma_rows<4>(ap, panel, kn, c); break;
+          case 3: fma_rows<3>(ap, panel, kn, c); break;
+          case 2: fma_rows<2>(ap, panel, kn, c); break;
+          default: fma_rows<1>(ap, panel, kn, c); break;
+        }
       }
     }
   }
