@@ -264,40 +264,97 @@ def qmatmul_reference(A: np.ndarray, data: np.ndarray, scales: np.ndarray, zero_
     return Y.astype(np.float32).reshape(*lead, N)
 
 
+KEEP_RATIO_SLACK = 1.0 + 2.0 ** -20  # see token_prune_keep
+
+
 def token_prune_keep(T: int, keep_count: int | None = None, keep_ratio: float | None = None) -> int:
-    """Number of kept tokens (see custom_ops/kernels/ref/token_prune.h)."""
+    """Number of kept tokens (see custom_ops/kernels/ref/token_prune.h): keep_count, else
+    floor(double(fl32(keep_ratio)) · T · (1 + 2⁻²⁰)) — at most ratio·T tokens kept; the factor only keeps
+    a product that is mathematically an integer from being floored one below by the float32 ratio —
+    then clamped to [2, T]; T ≤ 2 keeps all."""
     if T <= 2:
         return T
     if keep_count is not None:
         k = int(keep_count)
     elif keep_ratio is not None:
-        c = math.ceil(float(np.float32(keep_ratio)) * T)
+        x = float(np.float32(keep_ratio)) * float(T)
+        x = x * KEEP_RATIO_SLACK
+        c = math.floor(x) if math.isfinite(x) else T
         k = T if c >= T else max(c, 0)
     else:
         raise ValueError("needs keep_count or keep_ratio")
     return min(max(k, 2), T)
 
 
-def token_prune_scores(scores: np.ndarray) -> np.ndarray:
-    """float64 [B, T] scores: importance as is, or attention [B,H,T,S] summed over heads of P[..., 0]
-    in head order."""
+def token_prune_scores(scores: np.ndarray, score: str = "first_token") -> np.ndarray:
+    """float64 [B, T] scores: importance as is, or from attention [B,H,T,S] (the last T key columns are
+    this step's tokens): first_token Σ_h P[..., t, 0] in head order; column_sum
+    Σ_h Σ_q P[..., q, S−T+t] / (T − t)."""
     scores = np.asarray(scores, dtype=np.float32)
     if scores.ndim == 2:
         return scores.astype(np.float64)
     if scores.ndim != 4:
         raise ValueError(f"scores must be [B,T] or [B,H,T,S], got {scores.shape}")
-    s = np.zeros((scores.shape[0], scores.shape[2]), np.float64)
-    for h in range(scores.shape[1]):
-        s += scores[:, h, :, 0].astype(np.float64)
+    B, H, T, S = scores.shape
+    s = np.zeros((B, T), np.float64)
+    for h in range(H):
+        if score == "first_token":
+            s += scores[:, h, :, 0].astype(np.float64)
+        else:
+            s += scores[:, h, :, S - T:].astype(np.float64).sum(axis=1)
+    if score == "column_sum":
+        s /= np.arange(T, 0, -1, dtype=np.float64)
     return s
 
 
-def token_prune_reference(hidden: np.ndarray, scores: np.ndarray, keep_count: int | None = None,
-                          keep_ratio: float | None = None, companions: Sequence[np.ndarray] = ()):
-    """TokenPrune semantics in numpy. Returns (pruned [B,keep,D], indices int64 [B,keep], [companions])."""
+def token_prune_attention_probs(query: np.ndarray, key: np.ndarray, num_heads: int, kv_num_heads: int | None = None,
+                                scale: float | None = None) -> np.ndarray:
+    """Causal softmax attention probabilities [B,H,T,T] (float64) from post-RoPE query [B,T,H·d] and
+    key [B,T,Hkv·d] of one prefill (no past); head h reads kv head h // (H/Hkv). For tests: the op
+    itself computes the same row by row and never holds [H,T,T]."""
+    q = np.asarray(query, np.float64)
+    k = np.asarray(key, np.float64)
+    B, T, HD = q.shape
+    H = int(num_heads)
+    Hkv = int(kv_num_heads or H)
+    d = HD // H
+    if HD % H or H % Hkv or k.shape != (B, T, Hkv * d):
+        raise ValueError(f"query {q.shape} / key {k.shape} do not fit num_heads={H}, kv_num_heads={Hkv}")
+    sc = float(np.float32(scale)) if scale else float(np.float32(1.0 / math.sqrt(d)))
+    qh = q.reshape(B, T, H, d).transpose(0, 2, 1, 3)
+    kh = np.repeat(k.reshape(B, T, Hkv, d).transpose(0, 2, 1, 3), H // Hkv, axis=1)
+    logits = sc * (qh @ kh.transpose(0, 1, 3, 2))
+    logits = np.where(np.tril(np.ones((T, T), bool)), logits, -np.inf)
+    logits = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def token_prune_qk_scores(query: np.ndarray, key: np.ndarray, num_heads: int, kv_num_heads: int | None = None,
+                          scale: float | None = None, score: str = "first_token") -> np.ndarray:
+    """float64 [B, T] scores from query/key: the same as token_prune_scores on their probabilities."""
+    P = token_prune_attention_probs(query, key, num_heads, kv_num_heads, scale)
+    B, H, T, _ = P.shape
+    s = np.zeros((B, T), np.float64)
+    for h in range(H):
+        s += P[:, h, :, 0] if score == "first_token" else P[:, h].sum(axis=1)
+    if score == "column_sum":
+        s /= np.arange(T, 0, -1, dtype=np.float64)
+    return s
+
+
+def token_prune_reference(hidden: np.ndarray, scores: np.ndarray | None, keep_count: int | None = None,
+                          keep_ratio: float | None = None, companions: Sequence[np.ndarray] = (),
+                          score: str = "first_token", query: np.ndarray | None = None, key: np.ndarray | None = None,
+                          num_heads: int | None = None, kv_num_heads: int | None = None, scale: float | None = None):
+    """TokenPrune semantics in numpy. Returns (pruned [B,keep,D], indices int64 [B,keep], [companions]).
+    Scores come from `scores` (importance or probabilities) or, when it is None, from query/key."""
     hidden = np.asarray(hidden)
     B, T, _ = hidden.shape
-    s = token_prune_scores(scores)
+    if scores is not None:
+        s = token_prune_scores(scores, score)
+    else:
+        s = token_prune_qk_scores(query, key, num_heads, kv_num_heads, scale, score)
     keep = token_prune_keep(T, keep_count, keep_ratio)
     idx = np.zeros((B, keep), np.int64)
     for b in range(B):
@@ -365,7 +422,15 @@ def _token_prune_infer(ctx) -> None:
     if hd is not None and len(hd) != 3:
         raise onnx.shape_inference.InferenceError("[llmfold.TokenPrune] hidden must be [B,T,D]")
     n_out = ctx.get_num_outputs()
-    n_comp = sum(1 for i in range(3, ctx.get_num_inputs()) if ctx.has_input(i))
+    n_comp = sum(1 for i in range(3, min(6, ctx.get_num_inputs())) if ctx.has_input(i))
+    has_scores = ctx.get_num_inputs() > 1 and ctx.has_input(1)
+    has_q = ctx.get_num_inputs() > 6 and ctx.has_input(6)
+    has_k = ctx.get_num_inputs() > 7 and ctx.has_input(7)
+    if has_q != has_k:
+        raise onnx.shape_inference.InferenceError("[llmfold.TokenPrune] query and key go together")
+    if has_scores == has_q:
+        raise onnx.shape_inference.InferenceError(
+            "[llmfold.TokenPrune] give either scores or query and key (exactly one source)")
     if n_out > 2 + n_comp:
         raise onnx.shape_inference.InferenceError(
             f"[llmfold.TokenPrune] {n_out} outputs but only {n_comp} companion inputs")
@@ -421,14 +486,19 @@ def _schemas():
     t = OS(
         "TokenPrune", DOMAIN, OPSET_VERSION,
         doc="Agile-Quant token pruning: keeps token 0, token T-1 and the highest-scoring others (scores: "
-            "importance [B,T] or attention probabilities [B,H,T,S] -> sum over heads of P[...,0]); outputs keep "
-            "rows in original order, the kept indices and the gathered companion tensors.",
+            "importance [B,T], attention probabilities [B,H,T,S], or post-RoPE query [B,T,H*d] and key "
+            "[B,T,Hkv*d] from which the op computes causal softmax attention row by row; score first_token: "
+            "sum over heads of P[...,t,0], column_sum: sum over heads and queries of P[...,q,t] / (T-t)); "
+            "outputs keep rows in original order, the kept indices and the gathered companion tensors.",
         inputs=[FP("hidden", "T", "[B,T,D]"),
-                FP("scores", "T", "importance [B,T] or attention probabilities [B,H,T,S]"),
+                FP("scores", "T", "importance [B,T] or attention probabilities [B,H,T,S] (or give query/key)",
+                   param_option=opt),
                 FP("keep_count", "I", "int64 scalar; else attribute keep_ratio", param_option=opt),
                 FP("companion0", "C0", "[B,T,...]", param_option=opt),
                 FP("companion1", "C1", "[B,T,...]", param_option=opt),
-                FP("companion2", "C2", "[B,T,...]", param_option=opt)],
+                FP("companion2", "C2", "[B,T,...]", param_option=opt),
+                FP("query", "T", "post-RoPE queries [B,T,num_heads*head_dim] (no past)", param_option=opt),
+                FP("key", "T", "post-RoPE keys [B,T,kv_num_heads*head_dim] (no past)", param_option=opt)],
         outputs=[FP("pruned", "T", "[B,keep,D]"),
                  FP("kept_indices", "I", "int64 [B,keep], ascending", param_option=opt),
                  FP("companion0_out", "C0", "[B,keep,...]", param_option=opt),
@@ -439,7 +509,12 @@ def _schemas():
                           ("C1", ["tensor(float)", "tensor(int64)"], "companion"),
                           ("C2", ["tensor(float)", "tensor(int64)"], "companion")],
         attributes=[OS.Attribute("keep_ratio", OS.AttrType.FLOAT, "fraction of tokens kept, in (0, 1]",
-                                 required=False)],
+                                 required=False),
+                    OS.Attribute("score", OS.AttrType.STRING, "first_token (default) or column_sum", required=False),
+                    OS.Attribute("num_heads", OS.AttrType.INT, "query heads (with query/key)", required=False),
+                    OS.Attribute("kv_num_heads", OS.AttrType.INT, "key heads, divides num_heads (default num_heads)",
+                                 required=False),
+                    OS.Attribute("scale", OS.AttrType.FLOAT, "logit scale (default head_dim^-0.5)", required=False)],
     )
     t.set_type_and_shape_inference_function(_token_prune_infer)
     return [q, t]

@@ -20,7 +20,8 @@ kept tokens. The ranking uses the attention of layer s − 1, and the TokenPrune
 that layer's attention residual add (so layer s − 1's MLP already runs on the kept rows; its own KV
 cache is complete). Then either
   * `keep_ratios = [r_0, r_1, …]`: one TokenPrune after the attention of each layer s−1+j, keeping
-    keep_j = ceil(r_j · T_j) of the T_j rows that reach it (computed in float32), or
+    keep_j = floor(r_j · T_j) of the T_j rows that reach it (at least 2; see keep_count() for the exact
+    float rule, shared with the op), so that at least a fraction 1 − r_j is removed, or
   * `prune_ratio = β`, `cascade_layers = m`: the paper's cascade, r_j = 1 − γ for j < m with
     γ = 1 − (1 − β)^(1/m), so that a fraction β of the prompt is gone after m layers.
 So `start_layer = 10, keep_ratios = [0.7]` removes 30 % of the prompt tokens from layers 10…L−1.
@@ -67,8 +68,30 @@ dropped tokens never reached the later layers: RMSNorm, the linears and the MLP 
 independently, and attention of a kept query over the kept keys uses their true positions and the
 original causal order — checked against an independent torch implementation in the tests.
 
-With a fused attention op that exposes no probabilities (GroupQueryAttention) there is nothing to
-rank by: the pass refuses such models (export them with `llmfold export`, which keeps the Softmax).
+Fused attention (`llmfold export --attention fused`: one com.microsoft GroupQueryAttention per block)
+-------------------------------------------------------------------------------------------------
+GroupQueryAttention exposes no probabilities, so TokenPrune computes the score itself from the pruning
+layer's post-RoPE queries and keys (its `query`/`key` inputs, attributes num_heads, kv_num_heads,
+scale copied from the GQA node, `score` = first_token | column_sum): the same causal softmax row by
+row, hence the same scores as the explicit layout's Softmax output up to float rounding, and the same
+kept tokens (tests/test_token_prune.py compares both layouts). The rest of the layout is rewritten so
+the guarantees above hold:
+  * RoPE at original positions: GroupQueryAttention would rotate the kept rows by their row index
+    (0…n−1). For the first ranking layer and every later layer the pass sets do_rotary = 0, drops the
+    cos/sin cache inputs, and rotates q and k with com.microsoft.RotaryEmbedding nodes fed with
+    position ids = logical past + the original indices of the rows reaching that layer (TokenPrune's
+    companion; 0…T−1 at the ranking layer itself). RotaryEmbedding is the kernel GQA calls
+    internally: at keep ratio 1 the logits are bit-identical. The ranking layer's rotated q/k feed
+    TokenPrune.
+  * KV lengths: each later layer gets its own seqlens_k = past_i + rows − 1 (int32 [B]) and
+    total_sequence_length = past_i + rows, past_i read from its own past input, so its present K/V
+    hold only kept tokens and a decode step attends exactly its own cache. The attention_bias (the
+    additive causal/padding mask) is gathered like any other per-token value (see above).
+  * padded batches and steps with a past keep every row (as in the explicit layout); TokenPrune then
+    skips the score computation entirely.
+Only the GQA form the exporter writes is accepted (separate q/k/v, do_rotary = 1, non-interleaved,
+constant caches, no position_ids input, no sliding window/softcap/smooth softmax); anything else is
+a UserError before any work. Other fused attention ops (MultiHeadAttention, Attention) are refused.
 """
 
 from __future__ import annotations
@@ -82,6 +105,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from compiler.custom_ops import KEEP_RATIO_SLACK
 from compiler.errors import UserError
 from passes.base import CompilerPass, register_pass
 
@@ -142,12 +166,14 @@ class TokenPruneParams:
 
 
 def keep_count(ratio: float, T: int) -> int:
-    """The rows a TokenPrune point keeps in a prefill of T rows: ceil(fl32(ratio)·T) (float32
-    product, as the graph computes it), clamped to [2, T]; T ≤ 2 keeps all."""
-    if T <= 2:
-        return T
-    k = int(math.ceil(float(np.float32(ratio) * np.float32(T))))
-    return min(max(k, 2), T)
+    """The rows a TokenPrune point keeps in a prefill of T rows: floor(fl32(ratio)·T·(1 + 2⁻²⁰)) in
+    float64 (as the graph computes it; the factor only stops a mathematically integral product such as
+    0.7·10 from being floored one below by the float32 ratio), clamped to [2, T]; T ≤ 2 keeps all.
+    Floor: a point never keeps more than ratio·T rows (prune-30 on 512 tokens keeps 358, −30.08 %).
+    The same rule as TokenPrune's keep_ratio attribute (compiler.custom_ops.token_prune_keep)."""
+    from compiler.custom_ops import token_prune_keep
+
+    return token_prune_keep(T, keep_ratio=ratio)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,15 +293,23 @@ class TokenPrunePass(CompilerPass):
                 f"token_prune: {len(points)} pruning steps from start_layer {s} need layers up to {last + 1}, but "
                 f"the model has {L} layers; use fewer keep_ratios/cascade_layers or an earlier start_layer"
             )
+        nodes_by_name = {n.name: n for n in model.graph}
         for p, _ in points:
             b = structure.blocks[p]
-            if b.attention_kind != "softmax":
+            if b.attention_kind not in ("softmax", "GroupQueryAttention"):
                 raise UserError(
-                    f"token_prune: the attention of layer {p} is a fused {b.attention_kind} op without attention "
-                    "probabilities to rank tokens by; export the model with `llmfold export` (explicit Softmax)"
+                    f"token_prune: the attention of layer {p} is a fused {b.attention_kind} op; token pruning supports "
+                    "an explicit Softmax or com.microsoft GroupQueryAttention (`llmfold export`, either layout)"
                 )
             if not b.attention_residual_add:
                 raise UserError(f"token_prune: no attention residual add recognized in layer {p}; re-export the model")
+        kinds = {structure.blocks[i].attention_kind for i in range(points[0][0], L)}
+        if len(kinds) > 1:
+            raise UserError(f"token_prune: layers {points[0][0]}…{L - 1} mix attention layouts ({', '.join(sorted(kinds))}); "
+                            "re-export the model with one layout")
+        if kinds == {"GroupQueryAttention"}:
+            for i in range(points[0][0], L):
+                self._check_gqa(nodes_by_name[structure.blocks[i].attention], i)
         names = {v.name for v in model.graph.inputs}
         outs = {v.name for v in model.graph.outputs}
         for need in ("input_ids", "attention_mask"):
@@ -283,13 +317,60 @@ class TokenPrunePass(CompilerPass):
                 raise UserError(f"token_prune: the model has no `{need}` input; export it with `llmfold export`")
         if "logits" not in outs:
             raise UserError("token_prune: the model has no `logits` output; export it with `llmfold export`")
-        for p, _ in points:
-            if p + 1 < L and f"past_key_values.{p + 1}.key" not in names:
-                raise UserError(f"token_prune: layer {p + 1} has no past_key_values input; export the model with a KV cache")
+        need_past = range(points[0][0] + 1, L) if kinds == {"GroupQueryAttention"} else [p + 1 for p, _ in points]
+        for p in need_past:
+            if p < L and f"past_key_values.{p}.key" not in names:
+                raise UserError(f"token_prune: layer {p} has no past_key_values input; export the model with a KV cache")
         if any(n.op_type == "TokenPrune" and n.domain == DOMAIN for n in model.graph):
             raise UserError("token_prune: the model is already token-pruned; compile from the unpruned model")
         if KEPT_OUTPUT in outs:
             raise UserError(f"token_prune: the model already has an output named {KEPT_OUTPUT}")
+
+    @staticmethod
+    def _check_gqa(node: ir.Node, layer: int) -> None:
+        """The GroupQueryAttention forms the fused rewrite handles (what `llmfold export --attention
+        fused` writes): separate q/k/v, rotate_half RoPE done by the op from constant caches, no
+        position_ids input, plain causal softmax."""
+        a = node.attributes
+        ins = list(node.inputs) + [None] * 12
+        why = None
+        if node.domain != "com.microsoft":
+            why = f"domain {node.domain!r}"
+        elif ins[1] is None or ins[2] is None:
+            why = "packed QKV (k and v inputs absent)"
+        elif a.get_int("do_rotary", 0) != 1 or a.get_int("rotary_interleaved", 0) != 0:
+            why = "RoPE not done by the op (do_rotary=1, rotary_interleaved=0 expected)"
+        elif ins[7] is None or ins[8] is None or not (_is_const(ins[7]) and _is_const(ins[8])):
+            why = "cos_cache/sin_cache are not constants"
+        elif ins[9] is not None:
+            why = "it has a position_ids input"
+        elif a.get_int("local_window_size", -1) != -1 or a.get_float("softcap", 0.0) != 0.0 or a.get_int("smooth_softmax", 0):
+            why = "sliding window, softcap or smooth softmax"
+        elif ins[5] is None or ins[6] is None:
+            why = "seqlens_k/total_sequence_length absent"
+        if why:
+            raise UserError(f"token_prune: the GroupQueryAttention of layer {layer} ({node.name}) is not supported: {why}; "
+                            "export the model with `llmfold export`")
+
+    @staticmethod
+    def _gqa_rope(b: "_Builder", node: ir.Node, positions: ir.Value, tag: str) -> tuple[ir.Value, ir.Value]:
+        """Moves the RoPE of a GroupQueryAttention out of the op: com.microsoft.RotaryEmbedding on q and k
+        with explicit position ids [B, T] (the original positions of the rows), do_rotary = 0. Same
+        kernel math as the op's internal rotation (bit-identical for positions 0…T−1). Returns the
+        rotated q, k."""
+        H = node.attributes.get_int("num_heads")
+        KV = node.attributes.get_int("kv_num_heads", H)
+        q, k, cos, sin = node.inputs[0], node.inputs[1], node.inputs[7], node.inputs[8]
+        q_rot = b.op("RotaryEmbedding", [q, positions, cos, sin], f"{tag}/q_rotary", domain="com.microsoft",
+                     attrs={"num_heads": H, "interleaved": 0})
+        k_rot = b.op("RotaryEmbedding", [k, positions, cos, sin], f"{tag}/k_rotary", domain="com.microsoft",
+                     attrs={"num_heads": KV, "interleaved": 0})
+        node.replace_input_with(0, q_rot)
+        node.replace_input_with(1, k_rot)
+        node.replace_input_with(7, None)
+        node.replace_input_with(8, None)
+        node.attributes["do_rotary"] = ir.AttrInt64("do_rotary", 0)
+        return q_rot, k_rot
 
     # -- the rewrite ----------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -300,7 +381,11 @@ class TokenPrunePass(CompilerPass):
         nodes_by_name = {n.name: n for n in graph}
         inputs = {v.name: v for v in graph.inputs}
         residuals = [nodes_by_name[structure.blocks[p].attention_residual_add].outputs[0] for p, _ in points]
-        softmaxes = [nodes_by_name[structure.blocks[p].attention] for p, _ in points]
+        attn_nodes = [nodes_by_name[structure.blocks[p].attention] for p, _ in points]  # Softmax or GQA
+        fused = structure.blocks[points[0][0]].attention_kind == "GroupQueryAttention"
+        gqa = {i: nodes_by_name[structure.blocks[i].attention] for i in range(points[0][0], L)} if fused else {}
+        # GroupQueryAttention's seqlens_k / total_sequence_length are rebuilt per layer below
+        per_layer_lengths = {id(n.inputs[j]) for n in gqa.values() for j in (5, 6)}
 
         # 1. the downstream region of every pruning point and the values it reads from outside
         regions = [_forward_closure([r]) for r in residuals]
@@ -316,6 +401,8 @@ class TokenPrunePass(CompilerPass):
                 if v is None or id(v) in produced_inside or _is_const(v) or any(v is r for r in residuals):
                     continue
                 if v.is_graph_input() and _PAST_RE.match(v.name or ""):
+                    continue
+                if id(v) in per_layer_lengths:
                     continue
                 side[id(v)] = v
         side_values = sorted(side.values(), key=lambda v: v.name or "")
@@ -336,7 +423,7 @@ class TokenPrunePass(CompilerPass):
         mask_min = b.op("ReduceMin", [mask], f"{PREFIX}/mask_min", attrs={"keepdims": 0})
         no_pad = b.op("Equal", [mask_min, b.const(1)], f"{PREFIX}/no_padding")
         enabled = b.op("And", [no_past, no_pad], f"{PREFIX}/enabled")  # [1] bool
-        B = b.dim(residuals[0], 0, f"{PREFIX}/batch")
+        B = b.dim(ids, 0, f"{PREFIX}/batch")  # (from input_ids: the fused layout's first RoPE reads orig)
         T0s = b.op("Squeeze", [T0, b.const([0])], f"{PREFIX}/seq_len_scalar")
         arange = b.op("Range", [b.const(0), T0s, b.const(1)], f"{PREFIX}/arange")
         orig = b.op("Expand", [b.op("Unsqueeze", [arange, b.const([0])], f"{PREFIX}/arange_row"),
@@ -345,15 +432,33 @@ class TokenPrunePass(CompilerPass):
 
         # 3. one TokenPrune per point
         originals: list[ir.Value] = []
-        for k, ((p, ratio), r, softmax) in enumerate(zip(points, residuals, softmaxes)):
+        for k, ((p, ratio), r, attn) in enumerate(zip(points, residuals, attn_nodes)):
             pk = f"{PREFIX}/{k}"
             T_in = b.dim(r, 1, f"{pk}/rows_in")
-            prod = b.op("Mul", [b.op("Cast", [T_in], f"{pk}/rows_float", attrs={"to": ir.DataType.FLOAT}),
-                                b.const([ratio], np.float32)], f"{pk}/rows_times_ratio")
-            want = b.op("Cast", [b.op("Ceil", [prod], f"{pk}/Ceil")], f"{pk}/keep_wanted", attrs={"to": ir.DataType.INT64})
+            # keep_count(): floor(double(fl32(ratio))·T·(1 + 2⁻²⁰)), the product exact in float64
+            prod = b.op("Mul", [b.op("Cast", [T_in], f"{pk}/rows_double", attrs={"to": ir.DataType.DOUBLE}),
+                                b.const([float(np.float32(ratio))], np.float64)], f"{pk}/rows_times_ratio")
+            prod = b.op("Mul", [prod, b.const([KEEP_RATIO_SLACK], np.float64)], f"{pk}/rows_times_ratio_slack")
+            want = b.op("Cast", [b.op("Floor", [prod], f"{pk}/Floor")], f"{pk}/keep_wanted", attrs={"to": ir.DataType.INT64})
             keep = b.op("Where", [enabled, want, T_in], f"{pk}/keep_or_all")
             keep_s = b.op("Squeeze", [keep, b.const([0])], f"{pk}/keep_count")
-            probs = softmax.outputs[0]
+            if fused:
+                # the op computes the scores from this layer's post-RoPE queries and keys (original positions)
+                q_rot, k_rot = self._gqa_rope(b, attn, b.op("Add", [past_log, orig], f"{pk}/positions"), f"{pk}/rope")
+                a = attn.attributes
+                attrs = {"num_heads": a.get_int("num_heads"), "kv_num_heads": a.get_int("kv_num_heads", a.get_int("num_heads")),
+                         "score": self.params.score}
+                if a.get_float("scale", 0.0):
+                    attrs["scale"] = a.get_float("scale")
+                pruned, _kept, orig_next = b.op("TokenPrune", [r, None, keep_s, orig, None, None, q_rot, k_rot],
+                                                f"{pk}/TokenPrune", num_outputs=3, domain=DOMAIN, attrs=attrs)
+                for use in list(r.uses()):
+                    if id(use.node) in original_nodes:
+                        use.node.replace_input_with(use.idx, pruned)
+                originals.append(orig_next)
+                orig = orig_next
+                continue
+            probs = attn.outputs[0]
             if self.params.score == "first_token":
                 scores = probs
             else:  # causal-normalized column sums over the new-token keys
@@ -373,6 +478,26 @@ class TokenPrunePass(CompilerPass):
                     use.node.replace_input_with(use.idx, pruned)
             originals.append(orig_next)
             orig = orig_next
+
+        # 3b. fused layout, layers after the first ranking layer: RoPE at the original positions of the
+        #     rows that reach them, and their own KV lengths (past_i + rows) for GroupQueryAttention
+        if fused:
+            rank_layers = {p for p, _ in points}
+            for i in range(points[0][0] + 1, L):
+                node = gqa[i]
+                rows = originals[max(k for k, (p, _) in enumerate(points) if p < i)]
+                li = f"{PREFIX}/layers.{i}"
+                if i not in rank_layers:
+                    self._gqa_rope(b, node, b.op("Add", [past_log, rows], f"{li}/positions"), f"{li}/rope")
+                past_i = b.dim(inputs[f"past_key_values.{i}.key"], 2, f"{li}/past_len")
+                total_i = b.op("Add", [past_i, b.dim(rows, 1, f"{li}/rows")], f"{li}/total_len")  # [1]
+                last_i = b.op("Sub", [total_i, b.const([1])], f"{li}/last")
+                seqlens = b.op("Cast", [b.op("Expand", [last_i, B], f"{li}/seqlens_k_i64")], f"{li}/seqlens_k",
+                               attrs={"to": ir.DataType.INT32})
+                total_s = b.op("Cast", [b.op("Squeeze", [total_i, b.const([0])], f"{li}/total_scalar")],
+                               f"{li}/total_sequence_length", attrs={"to": ir.DataType.INT32})
+                node.replace_input_with(5, seqlens)
+                node.replace_input_with(6, total_s)
 
         # 4. per-token side values: gathered by the original indices of each stage's kept tokens
         cache: dict[tuple[str, int], ir.Value] = {}
@@ -417,6 +542,9 @@ class TokenPrunePass(CompilerPass):
             prune_after_attention_of=[p for p, _ in points],
             keep_ratios=[float(r) for _, r in points],
             score=self.params.score,
+            attention_layout="fused" if fused else "explicit",
+            score_source=("TokenPrune from post-RoPE query/key (GroupQueryAttention exposes no probabilities)"
+                          if fused else "attention probabilities (Softmax output)"),
             layers_with_pruned_kv=list(range(first_pruned, L)),
             gathered_values={v.name: axes[v.name] for v in side_values if set(axes[v.name]) & {"T", "S"}},
             logits="a pruned prefill returns logits [B, kept, V]; output kept_token_indices gives each row's prompt index",

@@ -3,6 +3,7 @@ bad-input handling, and the C++ kernel tests (plain and ASan+UBSan builds)."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -407,6 +408,136 @@ def test_token_prune_bad_inputs(lib):
     s = session(token_prune_model([1, 6, 4], [1, 6], [(TP.INT64, [1, "X"])], keep_ratio=0.5))
     _expect_error(lambda: s.run(None, {"h": h, "s": np.zeros((1, 6), np.float32),
                                        "c0": np.zeros((1, 5), np.int64)}), "companion 0")
+
+
+def token_prune_qk_model(B, T, H, Hkv, d, D=4, score=None, keep_ratio=0.5, q_type=TP.FLOAT, with_count=False,
+                         attrs=None, q_dims=None, k_dims=None, scores_too=False, key=True):
+    """TokenPrune fed with query [B,T,H·d] / key [B,T,Hkv·d] (inputs 6, 7) instead of scores."""
+    ins = [helper.make_tensor_value_info("h", TP.FLOAT, [B, T, D]),
+           helper.make_tensor_value_info("q", q_type, q_dims or [B, T, H * d])]
+    if key:
+        ins.append(helper.make_tensor_value_info("k", TP.FLOAT, k_dims or [B, T, Hkv * d]))
+    names = ["h", "s" if scores_too else "", "n" if with_count else "", "", "", "", "q", "k" if key else ""]
+    if scores_too:
+        ins.append(helper.make_tensor_value_info("s", TP.FLOAT, [B, T]))
+    if with_count:
+        ins.append(helper.make_tensor_value_info("n", TP.INT64, []))
+    a = {"num_heads": H, "kv_num_heads": Hkv}
+    if keep_ratio is not None:
+        a["keep_ratio"] = keep_ratio
+    if score is not None:
+        a["score"] = score
+    a.update(attrs or {})
+    a = {k: v for k, v in a.items() if v is not None}
+    while names[-1] == "":
+        names.pop()
+    node = helper.make_node("TokenPrune", names, ["hp", "idx"], domain=co.DOMAIN, **a)
+    outs = [helper.make_tensor_value_info("hp", TP.FLOAT, None), helper.make_tensor_value_info("idx", TP.INT64, None)]
+    g = helper.make_graph([node], "tpqk", ins, outs)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(co.DOMAIN, 1)])
+    m.ir_version = 10
+    return m
+
+
+def _random_qk(rng, B, T, H, Hkv, d, spread=2.0):
+    q = (rng.standard_normal((B, T, H * d)) * spread).astype(np.float32)
+    k = (rng.standard_normal((B, T, Hkv * d)) * spread).astype(np.float32)
+    return q, k
+
+
+@pytest.mark.parametrize("score", ["first_token", "column_sum"])
+@pytest.mark.parametrize("B,T,H,Hkv,d", [(1, 17, 4, 2, 8), (2, 33, 3, 1, 16), (1, 64, 6, 6, 4), (3, 9, 2, 1, 5)])
+def test_token_prune_query_key_equals_probabilities(lib, score, B, T, H, Hkv, d):
+    """Scores from query/key == scores from the probabilities input (float tolerance); same kept rows."""
+    rng = np.random.default_rng(T * 7 + H)
+    q, k = _random_qk(rng, B, T, H, Hkv, d)
+    hidden = rng.standard_normal((B, T, 4)).astype(np.float32)
+    P = co.token_prune_attention_probs(q, k, H, Hkv).astype(np.float32)  # [B,H,T,T]
+    s_qk = co.token_prune_qk_scores(q, k, H, Hkv, score=score)
+    s_p = co.token_prune_scores(P, score)
+    assert np.allclose(s_qk, s_p, rtol=1e-5, atol=1e-6)
+    if score == "first_token":  # an independent check of the causal softmax: P[t, 0] for t = 0 is 1
+        assert np.allclose(s_qk[:, 0], H)
+    for ratio in (0.3, 0.5, 0.8):
+        ref = co.token_prune_reference(hidden, None, keep_ratio=ratio, score=score, query=q, key=k, num_heads=H,
+                                       kv_num_heads=Hkv)
+        out = session(token_prune_qk_model(B, T, H, Hkv, d, score=score, keep_ratio=ratio)).run(
+            None, {"h": hidden, "q": q, "k": k})
+        pm = token_prune_model([B, T, 4], [B, H, T, T], keep_ratio=ratio)
+        if score != "first_token":
+            pm.graph.node[0].attribute.append(helper.make_attribute("score", score))
+        outp = session(pm).run(None, {"h": hidden, "s": P})
+        assert out[1].tolist() == outp[1].tolist() == ref[1].tolist()
+        assert np.array_equal(out[0], ref[0])
+        assert out[1].shape[1] == co.token_prune_keep(T, keep_ratio=ratio)
+
+
+def test_token_prune_query_key_threads_and_scale(lib):
+    rng = np.random.default_rng(11)
+    B, T, H, Hkv, d = 1, 40, 8, 2, 8
+    q, k = _random_qk(rng, B, T, H, Hkv, d)
+    hidden = rng.standard_normal((B, T, 4)).astype(np.float32)
+    m = token_prune_qk_model(B, T, H, Hkv, d, keep_ratio=0.4)
+    a = session(m, threads=1).run(None, {"h": hidden, "q": q, "k": k})
+    b = session(m, threads=2).run(None, {"h": hidden, "q": q, "k": k})
+    assert a[1].tolist() == b[1].tolist()
+    m2 = token_prune_qk_model(B, T, H, Hkv, d, keep_ratio=0.4, attrs={"scale": 0.05})
+    out = session(m2).run(None, {"h": hidden, "q": q, "k": k})
+    ref = co.token_prune_reference(hidden, None, keep_ratio=0.4, query=q, key=k, num_heads=H, kv_num_heads=Hkv,
+                                   scale=0.05)
+    assert out[1].tolist() == ref[1].tolist()
+    # keep >= T (a decode step): nothing computed, every row kept in order
+    m3 = token_prune_qk_model(B, 1, H, Hkv, d, keep_ratio=0.4)
+    out = session(m3).run(None, {"h": hidden[:, :1], "q": q[:, :1], "k": k[:, :1]})
+    assert out[1].tolist() == [[0]]
+
+
+def test_token_prune_query_key_bad_inputs(lib):
+    B, T, H, Hkv, d = 1, 6, 4, 2, 3
+    h = np.zeros((B, T, 4), np.float32)
+    q, k = np.zeros((B, T, H * d), np.float32), np.zeros((B, T, Hkv * d), np.float32)
+    # shapes at run time: symbolic dims so that ORT's own shape checks do not pre-empt ours
+    dyn = dict(q_dims=["B", "T", "Q"], k_dims=["B", "T", "K"])
+    s = session(token_prune_qk_model(B, T, H, Hkv, d, **dyn))
+    assert s.run(None, {"h": h, "q": q, "k": k})[1].shape == (1, 3)
+    _expect_error(lambda: s.run(None, {"h": h, "q": np.zeros((B, T, 13), np.float32), "k": k}), "not a positive multiple")
+    _expect_error(lambda: s.run(None, {"h": h, "q": q, "k": np.zeros((B, T, 8), np.float32)}), "key must be")
+    _expect_error(lambda: s.run(None, {"h": h, "q": q[:, :5], "k": k}), "query must be")
+    _expect_error(lambda: s.run(None, {"h": h, "q": q, "k": k[:, :5]}), "key must be")
+    _expect_error(lambda: s.run(None, {"h": h, "q": np.zeros((B, T, 0), np.float32), "k": k}), "positive multiple")
+    # attributes
+    _expect_error(lambda: session(token_prune_qk_model(B, T, H, 3, d, **dyn)), "multiple of kv_num_heads")
+    _expect_error(lambda: session(token_prune_qk_model(B, T, H, Hkv, d, attrs={"scale": float("inf")}, **dyn)), "scale")
+    _expect_error(lambda: session(token_prune_qk_model(B, T, H, Hkv, d, score="last_token", **dyn)), "score")
+    s = session(token_prune_qk_model(B, T, H, Hkv, d, attrs={"num_heads": None, "kv_num_heads": None}, **dyn))
+    _expect_error(lambda: s.run(None, {"h": h, "q": q, "k": k}), "num_heads")
+    # sources: query without key, scores and query together
+    s = session(token_prune_qk_model(B, T, H, Hkv, d, key=False, **dyn))
+    _expect_error(lambda: s.run(None, {"h": h, "q": q}), "query and key")
+    s = session(token_prune_qk_model(B, T, H, Hkv, d, scores_too=True, **dyn))
+    _expect_error(lambda: s.run(None, {"h": h, "q": q, "k": k, "s": np.zeros((B, T), np.float32)}), "not both")
+    # dtype: a double query is refused (ORT's kernel type match), never read as float
+    _expect_error(lambda: session(token_prune_qk_model(B, T, H, Hkv, d, q_type=TP.DOUBLE, **dyn)).run(
+        None, {"h": h, "q": q.astype(np.float64), "k": k}), "")
+    # schema: onnx shape inference refuses a node with two score sources
+    co.register_schemas()
+    with pytest.raises(Exception, match="exactly one source"):
+        onnx.shape_inference.infer_shapes(token_prune_qk_model(B, T, H, Hkv, d, scores_too=True), strict_mode=True)
+    onnx.shape_inference.infer_shapes(token_prune_qk_model(B, T, H, Hkv, d), strict_mode=True)
+    # the process is alive and a good model still runs
+    assert session(token_prune_qk_model(B, T, H, Hkv, d)).run(None, {"h": h, "q": q, "k": k})[1].shape == (1, 3)
+
+
+def test_token_prune_keep_rule():
+    """floor(ratio·T): prune-30 on 512 tokens keeps 358 (−30.08 %), never more than ratio·T."""
+    assert co.token_prune_keep(512, keep_ratio=0.7) == 358
+    assert co.token_prune_keep(10, keep_ratio=0.7) == 7 and co.token_prune_keep(100, keep_ratio=0.29) == 29
+    assert co.token_prune_keep(9, keep_ratio=0.5) == 4 and co.token_prune_keep(9, keep_ratio=0.01) == 2
+    assert co.token_prune_keep(2, keep_ratio=0.1) == 2 and co.token_prune_keep(37, keep_ratio=1.0) == 37
+    for T in range(3, 600, 7):
+        for r in (0.1, 0.3, 0.5, 0.7, 0.75, 0.9, 0.99):
+            k = co.token_prune_keep(T, keep_ratio=r)
+            assert k == max(2, min(T, round(r * T) if abs(r * T - round(r * T)) < 1e-9 else math.floor(r * T)))
 
 
 # ----------------------------------------------------------------------------------------------

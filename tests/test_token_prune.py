@@ -91,7 +91,7 @@ class RefLlama:
                     sc = probs[:, :, 0].sum(0)
                 else:
                     sc = probs.sum((0, 1)) / torch.arange(T, 0, -1, dtype=torch.float64)
-                keep = min(max(math.ceil(float(np.float32(plan[i]) * np.float32(T))), 2), T)
+                keep = min(max(math.floor(float(np.float32(plan[i])) * T * (1 + 2.0 ** -20)), 2), T)
                 sel = _select(sc.numpy(), keep)
                 x, pos, kept = x[sel], pos[sel], kept[sel]
                 if renumber:
@@ -118,7 +118,7 @@ def tiny4(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny4")
     hf = make_tiny_llama(root / "hf", seed=3, layers=4)
-    out = export(str(hf), root / "fp32", progress=False)
+    out = export(str(hf), root / "fp32", progress=False, attention="explicit")  # token_prune needs the Softmax
     model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
     return hf, out, RefLlama(model)
 
@@ -286,6 +286,141 @@ def test_generate_after_pruned_prefill_equals_reference_greedy(tiny4, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# the fused layout (one com.microsoft GroupQueryAttention per block): TokenPrune scores from the
+# pruning layer's post-RoPE q/k, RoPE moved into RotaryEmbedding nodes at original positions,
+# per-layer seqlens_k / total_sequence_length
+
+
+@pytest.fixture(scope="module")
+def tiny4f(tiny4):
+    """The same tiny Llama as tiny4 exported with attention="fused"."""
+    from compiler.export import export
+
+    hf, explicit, ref = tiny4
+    return hf, export(str(hf), explicit.parent / "fused", progress=False, attention="fused"), ref
+
+
+def test_fused_keep_ratio_one_is_exact(tiny4f, tmp_path):
+    _, src, _ = tiny4f
+    out = compile_pruned(src, tmp_path, "r1", start_layer=1, keep_ratios=[1.0, 1.0, 1.0])
+    meta = json.loads((out / "llmfold.json").read_text())
+    assert meta["passes"][-1]["records"][0]["attention_layout"] == "fused"
+    a, b = session(src), session(out)
+    ops = {n.op_type for n in __import__("onnx").load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert {"GroupQueryAttention", "RotaryEmbedding", "TokenPrune"} <= ops and "Softmax" not in ops
+    ids = prompt(24)[None]
+    mask = np.ones((1, 24), np.int64)
+    oa, ob = run(a, ids, mask, empty_past(a)), run(b, ids, mask, empty_past(b))
+    assert ob["logits"].shape == oa["logits"].shape
+    assert np.abs(ob["logits"][0, -1] - oa["logits"][0, -1]).max() <= 1e-5
+    assert np.abs(ob["logits"] - oa["logits"]).max() <= 1e-5
+    assert ob["kept_token_indices"].tolist() == [list(range(24))]
+    for j, tok in enumerate([5, 77, 123]):
+        mask = np.ones((1, 25 + j), np.int64)
+        oa = run(a, [[tok]], mask, next_past(oa))
+        ob = run(b, [[tok]], mask, next_past(ob))
+        assert np.abs(ob["logits"] - oa["logits"]).max() <= 1e-5
+        for i in range(4):
+            assert ob[f"present.{i}.key"].shape == oa[f"present.{i}.key"].shape
+
+
+@pytest.mark.parametrize(
+    "params,plan",
+    [
+        (dict(start_layer=2, keep_ratios=[0.6]), {1: 0.6}),
+        (dict(start_layer=1, prune_ratio=0.5, cascade_layers=3), {0: 0.5 ** (1 / 3), 1: 0.5 ** (1 / 3), 2: 0.5 ** (1 / 3)}),
+        (dict(start_layer=1, keep_ratios=[0.8, 0.7], score="column_sum"), {0: 0.8, 1: 0.7}),
+    ],
+    ids=["single", "cascade", "column_sum"],
+)
+def test_fused_pruned_prefill_and_decode_match_reference(tiny4, tiny4f, tmp_path, params, plan):
+    """Fused layout: the kept tokens, logits and per-layer K/V equal the torch reference (true positions),
+    the decode after the pruned prefill too, and the explicit-layout pass keeps the same tokens."""
+    _, src, ref = tiny4f
+    out = compile_pruned(src, tmp_path, "p", **params)
+    sess = session(out)
+    T = 30
+    ids = prompt(T, seed=1)
+    o = run(sess, ids[None], np.ones((1, T), np.int64), empty_past(sess))
+    score = params.get("score", "first_token")
+    r_logits, r_past, r_kept = ref.forward(ids, np.arange(T), ref.empty_past(), plan, score=score)
+    kept = o["kept_token_indices"][0]
+    assert kept.tolist() == r_kept.tolist()
+    assert kept[0] == 0 and kept[-1] == T - 1 and len(kept) < T
+    assert np.abs(o["logits"][0] - r_logits).max() <= 1e-4
+    first = min(plan) + 1
+    for i in range(4):
+        length = o[f"present.{i}.key"].shape[2]
+        assert length == r_past[i][0].shape[1]
+        assert (length == T) if i < first else (length < T)
+        assert np.abs(o[f"present.{i}.key"][0] - r_past[i][0].numpy()).max() <= 1e-4
+        assert np.abs(o[f"present.{i}.value"][0] - r_past[i][1].numpy()).max() <= 1e-4
+    # original positions: renumbering the kept tokens would change the logits
+    renum, _, _ = ref.forward(ids, np.arange(T), ref.empty_past(), plan, score=score, renumber=True)
+    assert np.abs(renum - r_logits).max() > 1e-3
+    # the explicit layout's pass keeps the same tokens and gives the same logits
+    exp_out = compile_pruned(tiny4[1], tmp_path, "explicit", **params)
+    es = session(exp_out)
+    oe = run(es, ids[None], np.ones((1, T), np.int64), empty_past(es))
+    assert oe["kept_token_indices"].tolist() == o["kept_token_indices"].tolist()
+    assert np.abs(oe["logits"] - o["logits"]).max() <= 1e-4
+    # decode steps prune nothing; per-layer KV lengths grow by one
+    past_ref = r_past
+    for j, tok in enumerate([7, 42, 201]):
+        o = run(sess, [[tok]], np.ones((1, T + j + 1), np.int64), next_past(o))
+        r_logits, past_ref, _ = ref.forward([tok], [T + j], past_ref, plan, score=score)
+        assert o["logits"].shape[1] == 1 and o["kept_token_indices"].tolist() == [[0]]
+        assert np.abs(o["logits"][0] - r_logits).max() <= 1e-4
+        for i in range(4):
+            assert o[f"present.{i}.key"].shape[2] == past_ref[i][0].shape[1]
+
+
+def test_fused_decode_through_runtime(tiny4f, tmp_path):
+    """compiler/runtime.py decoding (OrtValue KV feedback) after a pruned fused prefill: per-layer KV
+    lengths, greedy tokens equal to the torch reference."""
+    from compiler import runtime
+    from compiler.continuation import _CachedRunner
+
+    _, src, ref = tiny4f
+    out = compile_pruned(src, tmp_path, "p", start_layer=2, keep_ratios=[0.5])
+    lm = runtime.open_session(out, threads=1)
+    ids = prompt(26, seed=5)
+    runner = _CachedRunner(lm)
+    _, past, mask = runner.prefill(ids)
+    assert runner.kv_lengths(past) == [26, 26, 13, 13]
+    _, past = runner._run(np.array([[9]], np.int64), runtime.next_attention_mask(mask, 1, lm.kv_cache), past, 26)
+    assert runner.kv_lengths(past) == [27, 27, 14, 14]
+    g = lm.greedy(ids, 6)
+    plan = {1: 0.5}
+    logits, rpast, _ = ref.forward(ids, np.arange(26), ref.empty_past(), plan)
+    want = []
+    for j in range(6):
+        tok = int(np.argmax(logits[-1]))
+        want.append(tok)
+        logits, rpast, _ = ref.forward([tok], [26 + j], rpast, plan)
+    assert g["tokens"] == want
+
+
+def test_fused_no_pruning_with_padding_or_past(tiny4f, tmp_path):
+    _, src, _ = tiny4f
+    out = compile_pruned(src, tmp_path, "p", start_layer=1, keep_ratios=[0.5])
+    a, b = session(src), session(out)
+    from compiler.testing import left_padded_batch
+
+    ids, mask = left_padded_batch([prompt(12, 2).tolist(), prompt(9, 3).tolist()], pad_id=0)
+    oa, ob = run(a, ids, mask, empty_past(a, 2)), run(b, ids, mask, empty_past(b, 2))
+    assert ob["logits"].shape == oa["logits"].shape
+    valid = mask.astype(bool)
+    assert np.abs(ob["logits"][valid] - oa["logits"][valid]).max() <= 1e-5
+    ids = prompt(20, 4)[None]
+    ob = run(b, ids[:, :12], np.ones((1, 12), np.int64), empty_past(b))
+    assert ob["logits"].shape[1] == 6
+    ob2 = run(b, ids[:, 12:], np.ones((1, 20), np.int64), next_past(ob))
+    assert ob2["logits"].shape[1] == 8
+    assert ob2["present.0.key"].shape[2] == 20 and ob2["present.3.key"].shape[2] == 6 + 8
+
+
+# --------------------------------------------------------------------------------------------
 # llmfold.json, recipes, bad input
 
 
@@ -316,7 +451,7 @@ def test_recipes_and_cascade_ratio():
     ratios = p.ratios()
     assert len(ratios) == 4 and math.isclose(np.prod(ratios), 0.7)
     assert [q for q, _ in p.prune_points()] == [2, 3, 4, 5]
-    assert keep_count(0.7, 512) == 359 and keep_count(0.1, 10) == 2 and keep_count(0.5, 2) == 2
+    assert keep_count(0.7, 512) == 358 and keep_count(0.7, 10) == 7 and keep_count(0.1, 10) == 2 and keep_count(0.5, 2) == 2
 
 
 @pytest.mark.parametrize(
@@ -366,21 +501,42 @@ def test_model_without_recognizable_attention(tiny4, tmp_path):
         TokenPrunePass(ctx, params)(model)
     assert len(model.graph) == n_before  # nothing was changed
 
-    # a fused attention op exposes no probabilities
+    # a fused attention op other than GroupQueryAttention: no probabilities, no q/k convention
     model = d.load_model()
     ctx = CompileContext(d, CalibrationConfig(), progress=False)
     structure = ctx.structure(model)
-    structure.blocks[0].attention_kind = "GroupQueryAttention"
-    with pytest.raises(UserError, match="fused GroupQueryAttention"):
+    structure.blocks[0].attention_kind = "MultiHeadAttention"
+    with pytest.raises(UserError, match="fused MultiHeadAttention"):
         TokenPrunePass(ctx, params)(model)
     assert len(model.graph) == n_before
 
 
-def test_token_prune_then_int4_w4a8(tiny4, tmp_path):
+def test_fused_unsupported_gqa_is_refused(tiny4f, tmp_path):
+    from compiler.driver import CompileContext
+    from compiler.modeldir import open_model_dir
+    from compiler.recipe import CalibrationConfig
+    from passes.token_prune import TokenPrunePass, TokenPruneParams
+
+    _, src, _ = tiny4f
+    d = open_model_dir(src)
+    model = d.load_model()
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    import onnx_ir as ir
+
+    gqa[2].attributes["local_window_size"] = ir.AttrInt64("local_window_size", 8)
+    n_before = len(model.graph)
+    ctx = CompileContext(d, CalibrationConfig(), progress=False)
+    with pytest.raises(UserError, match="layer 2 .*sliding window"):
+        TokenPrunePass(ctx, TokenPruneParams(start_layer=1, keep_ratios=[0.5]))(model)
+    assert len(model.graph) == n_before
+
+
+@pytest.mark.parametrize("layout", ["explicit", "fused"])
+def test_token_prune_then_int4_w4a8(tiny4, tiny4f, tmp_path, layout):
     """Pruning composes with the INT4 pass (calibrated on the pruned graph) and still decodes."""
     from compiler import runtime
 
-    _, src, _ = tiny4
+    _, src, _ = tiny4 if layout == "explicit" else tiny4f
     path = tmp_path / "w4a8.toml"
     path.write_text(
         'description = "t"\n[calibration]\nwindows = 2\nseq_len = 64\n'
@@ -432,7 +588,7 @@ def test_continuation_metric(tiny4, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_prune_30(smollm2_dir, tmp_path):
-    """The prune-30 recipe on SmolLM2: layers ≥ 10 hold 359 of 512 prompt tokens; decoding runs."""
+    """The prune-30 recipe on SmolLM2: layers ≥ 10 hold 358 of 512 prompt tokens; decoding runs."""
     from compiler import runtime
 
     out = compile_model(smollm2_dir, tmp_path / "p30", recipe="prune-30", progress=False)
@@ -441,8 +597,8 @@ def test_smollm2_prune_30(smollm2_dir, tmp_path):
 
     ids = lm.encode(default_eval_text().read_text(encoding="utf-8")[:20000])[:512]
     o = run(lm.session, ids[None], np.ones((1, 512), np.int64), empty_past(lm.session))
-    assert [o[f"present.{i}.key"].shape[2] for i in range(30)] == [512] * 10 + [359] * 20
+    assert [o[f"present.{i}.key"].shape[2] for i in range(30)] == [512] * 10 + [358] * 20
     kept = o["kept_token_indices"][0]
-    assert kept[0] == 0 and kept[-1] == 511 and o["logits"].shape == (1, 359, 49152)
+    assert kept[0] == 0 and kept[-1] == 511 and o["logits"].shape == (1, 358, 49152)
     g = lm.greedy(ids, 4)
     assert len(g["tokens"]) == 4
