@@ -4,6 +4,7 @@
 // Usage: llmfold_kernel_test [--quick] [--path NAME]
 // Exit status 0 when every check passed. Compiled-in paths the CPU cannot run are reported as
 // skipped with the missing feature.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -253,10 +254,50 @@ void spec_checks() {
           (long long)out[0], (long long)out[1], (long long)out[2], (long long)out[3]);
     token_prune_select(sc, 8, 7, out);  // drops only the NaN token 4
     CHECK(out[3] == 3 && out[4] == 5, "token_prune_select NaN ranks last");
-    CHECK(token_prune_keep_from_ratio(0.5f, 9) == 5, "keep ratio ceil");
+    CHECK(token_prune_keep_from_ratio(0.5f, 9) == 4, "keep ratio floor");
+    CHECK(token_prune_keep_from_ratio(0.7f, 512) == 358 && token_prune_keep_from_ratio(0.7f, 10) == 7 &&
+              token_prune_keep_from_ratio(0.29f, 100) == 29,
+          "keep ratio floor of an integral product");
     CHECK(token_prune_keep_from_ratio(0.01f, 9) == 2, "keep ratio min 2");
     CHECK(token_prune_keep_from_ratio(1.0f, 2) == 2 && token_prune_clamp_keep(1, 1) == 1, "T <= 2 keeps all");
     CHECK(token_prune_clamp_keep(100, 10) == 10 && token_prune_clamp_keep(0, 10) == 2, "clamp keep");
+  }
+  // TokenPrune scores from query/key == scores from the probabilities they give (naive [H,T,T]
+  // softmax here, written independently), both score modes, grouped heads.
+  {
+    std::mt19937_64 rng(77);
+    std::normal_distribution<float> nd(0.0f, 1.5f);
+    const int64_t T = 23, H = 6, Hkv = 2, d = 8, group = H / Hkv;
+    std::vector<float> q(T * H * d), k(T * Hkv * d), P(H * T * T, 0.0f);
+    for (float& v : q) v = nd(rng);
+    for (float& v : k) v = nd(rng);
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        std::vector<double> l(t + 1);
+        double m = -1e300, z = 0.0;
+        for (int64_t j = 0; j <= t; ++j) {
+          double dot = 0.0;
+          for (int64_t c = 0; c < d; ++c) dot += double(q[t * H * d + h * d + c]) * k[j * Hkv * d + (h / group) * d + c];
+          l[j] = scale * dot;
+          m = std::max(m, l[j]);
+        }
+        for (int64_t j = 0; j <= t; ++j) z += std::exp(l[j] - m);
+        for (int64_t j = 0; j <= t; ++j) P[(h * T + t) * T + j] = static_cast<float>(std::exp(l[j] - m) / z);
+      }
+    for (TokenPruneScore mode : {TokenPruneScore::kFirstToken, TokenPruneScore::kColumnSum}) {
+      std::vector<double> a(T), b(T), scratch((H + 1) * T);
+      token_prune_scores_from_probs(P.data(), H, T, T, mode, a.data());
+      token_prune_scores_from_qk(q.data(), k.data(), T, H, Hkv, d, scale, mode, scratch.data(), b.data());
+      double worst = 0.0;
+      for (int64_t t = 0; t < T; ++t) worst = std::max(worst, std::fabs(a[t] - b[t]));
+      CHECK(worst < 1e-5, "token_prune_scores_from_qk vs probabilities (mode %d): max diff %g", int(mode), worst);
+      int64_t ia[T], ib[T];
+      token_prune_select(a.data(), T, 9, ia);
+      token_prune_select(b.data(), T, 9, ib);
+      CHECK(std::equal(ia, ia + 9, ib), "token_prune kept indices from query/key differ (mode %d)", int(mode));
+    }
+    CHECK(std::fabs(P[0] - 1.0f) < 1e-7, "first query attends only to itself");
   }
 }
 
@@ -303,6 +344,20 @@ int main(int argc, char** argv) {
       {1, 512, 16, 256, true, false, false, 5},  {1, 1024, 64, 128, false, false, false, 5},
       {2, 512, 16, 256, true, false, false, 6},  {5, 256, 32, 64, false, false, true, 6},
       {4, 64, 16, 32, true, false, false, 6},    {1, 48, 16, 16, false, false, false, 6},
+      // M > 1 strip paths (x86: 4-row integer strips with zero points folded into int16 lanes,
+      // several phases per block for A8 with blocks > 32, one phase for A4; A16 6-row packed
+      // strips): every M mod 4 / mod 6, odd N, K not a block multiple, zp on/off, TRIP shifts,
+      // largest sums.
+      {2, 100, 33, 32, true, true, true, 0},     {3, 90, 17, 16, false, true, false, 0},
+      {5, 200, 31, 64, true, false, true, 0},    {7, 300, 47, 128, false, true, true, 0},
+      {4, 520, 16, 256, true, true, false, 0},   {9, 129, 35, 16, true, false, true, 0},
+      {11, 700, 18, 32, false, false, false, 0}, {8, 512, 32, 256, true, false, false, 6},
+      {12, 1024, 20, 64, false, false, false, 6}, {8, 256, 17, 128, true, true, false, 5},
+      // A16 same-sign products over long K (special 6: q = 15, rows of +-1; chunked float sums):
+      // x86 1-row / 2-row / 6+4+3 strips, ARM 4-row and 1-row kernels, within the 1e-5 bound.
+      {1, 1024, 16, 32, false, false, false, 6}, {2, 1024, 24, 128, true, true, false, 6},
+      {1, 4096, 16, 16, true, false, false, 6},  {2, 4096, 17, 256, false, true, false, 6},
+      {13, 4096, 20, 32, true, false, false, 6},
   };
   if (!quick) {
     cases.push_back({64, 576, 96, 32, false, true, false, 0});
@@ -310,6 +365,9 @@ int main(int argc, char** argv) {
     cases.push_back({128, 256, 64, 32, true, false, false, 5});
     cases.push_back({600, 64, 600, 32, true, true, false, 0});    // A16: several tile groups
     cases.push_back({42, 4096, 24, 64, false, true, true, 0});    // int: several row blocks
+    cases.push_back({128, 600, 37, 32, true, true, true, 0});     // prefill: odd N, K % 32 != 0
+    cases.push_back({128, 1100, 48, 256, false, false, false, 5});
+    cases.push_back({130, 2048, 40, 32, true, false, false, 5});  // several K chunks, tail strip
   }
   std::mt19937_64 rng(1234);
   int tested = 0;

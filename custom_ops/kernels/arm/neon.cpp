@@ -1,7 +1,8 @@
 // ARMv8.0 Advanced SIMD path (no dotprod / i8mm): runs on every aarch64 core, e.g. Cortex-A72
 // (Raspberry Pi 4). Compiled with the baseline -march (armv8-a) only.
 //   quantize_rows  vectorized copy of the ref rule (paths.h), bit-exact.
-//   gemm_a16       dequantize a block to fp32 once per tile, then vfmaq over the rows.
+//   gemm_a16       dequantize a 256-k chunk to fp32 once per tile, then vfmaq over the rows
+//                  (each chunk summed from zero, then added: short rounding chains).
 //   gemm_int A8    vmull_s8 / vmlal_s8 into int16 lanes, widened every 8 groups.
 //   gemm_int A4    two variants (see README "ARM"): vmull_s8 like A8 but widened once per block,
 //                  or Agile-Quant's SIMD multiplier (two 4-bit operands in one 16-bit lane, one
@@ -113,8 +114,11 @@ void neon_quantize_rows(const float* A, int64_t lda, int64_t K, int64_t m_begin,
 }
 
 // ----------------------------------------------------------------------------------------------
-// A16: per tile and block, dequantize W = scale * (q - zp) into wbuf[k][16] (the same single float
-// rounding as ref), then 4 rows at a time C += A[m][k] * wbuf[k][:] with vfmaq_laneq_f32.
+// A16: per tile and 256-k chunk (whole blocks), dequantize W = scale * (q - zp) into wbuf[k][16]
+// (the same single float rounding as ref), then 4 rows at a time sum A[m][k] * wbuf[k][:] with
+// vfmaq_laneq_f32. Each chunk's sums start from zero and are then added to the row's partial sums
+// (as on x86): rounding chains of <= 256 + K / 256 additions instead of K, so same-sign products
+// over long K stay within the 1e-5 bound against ref (which sums in double).
 
 namespace {
 
@@ -154,9 +158,9 @@ inline void dequant_groups(const uint8_t* wt, int64_t g0, int64_t g1, uint8x16_t
 template <int R>
 inline void fma_rows(const float* A, int64_t Kp, int64_t kbase, int64_t kc, const float* wbuf,
                      float* acc_rows) {
-  float32x4_t acc[R][4];
+  float32x4_t acc[R][4];  // this chunk's sums, from zero
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < 4; ++i) acc[r][i] = vld1q_f32(acc_rows + r * kTileN + 4 * i);
+    for (int i = 0; i < 4; ++i) acc[r][i] = vdupq_n_f32(0.f);
   for (int64_t k = 0; k < kc; k += 4) {
     float32x4_t a[R];
     for (int r = 0; r < R; ++r) a[r] = vld1q_f32(A + r * Kp + kbase + k);
@@ -172,7 +176,10 @@ inline void fma_rows(const float* A, int64_t Kp, int64_t kbase, int64_t kc, cons
 #undef LLMFOLD_FMA_LANE
   }
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < 4; ++i) vst1q_f32(acc_rows + r * kTileN + 4 * i, acc[r][i]);
+    for (int i = 0; i < 4; ++i) {
+      float* dst = acc_rows + r * kTileN + 4 * i;
+      vst1q_f32(dst, vaddq_f32(vld1q_f32(dst), acc[r][i]));
+    }
 }
 
 }  // namespace
@@ -189,18 +196,22 @@ void neon_gemm_a16(const float* A, int64_t M, const PackedInt4& W, int64_t t0, i
     for (int64_t m0 = 0; m0 < M; m0 += kA16Rows) {
       const int64_t mr = std::min(kA16Rows, M - m0);
       std::memset(accbuf, 0, sizeof(float) * static_cast<size_t>(mr * kTileN));
-      for (int64_t b = 0; b < nb; ++b) {
-        const uint8x16_t zp16 = W.zero_points ? vld1q_u8(W.zero_points + (t * nb + b) * kTileN)
-                                              : vdupq_n_u8(8);
-        const float* sw = W.scales + (t * nb + b) * kTileN;
-        for (int64_t kc0 = b * bs; kc0 < (b + 1) * bs; kc0 += kA16ChunkK) {
-          const int64_t kc = std::min(kA16ChunkK, (b + 1) * bs - kc0);
-          dequant_groups(wt, kc0 / kGroupK, (kc0 + kc) / kGroupK, zp16, sw, wbuf);
-          const float* a = A + m0 * Kp;
-          int64_t m = 0;
-          for (; m + 4 <= mr; m += 4) fma_rows<4>(a + m * Kp, Kp, kc0, kc, wbuf, accbuf + m * kTileN);
-          for (; m < mr; ++m) fma_rows<1>(a + m * Kp, Kp, kc0, kc, wbuf, accbuf + m * kTileN);
+      for (int64_t kc0 = 0; kc0 < Kp; kc0 += kA16ChunkK) {
+        const int64_t kc = std::min(kA16ChunkK, Kp - kc0);
+        // Dequantize the chunk block piece by block piece (block_size <= 256 divides 256: whole
+        // blocks; a piece never crosses a block, whatever the sizes).
+        for (int64_t k = kc0; k < kc0 + kc;) {
+          const int64_t b = k / bs, k1 = std::min((b + 1) * bs, kc0 + kc);
+          const uint8x16_t zp16 = W.zero_points ? vld1q_u8(W.zero_points + (t * nb + b) * kTileN)
+                                                : vdupq_n_u8(8);
+          dequant_groups(wt, k / kGroupK, k1 / kGroupK, zp16, W.scales + (t * nb + b) * kTileN,
+                         wbuf + (k - kc0) * kTileN);
+          k = k1;
         }
+        const float* a = A + m0 * Kp;
+        int64_t m = 0;
+        for (; m + 4 <= mr; m += 4) fma_rows<4>(a + m * Kp, Kp, kc0, kc, wbuf, accbuf + m * kTileN);
+        for (; m < mr; ++m) fma_rows<1>(a + m * Kp, Kp, kc0, kc, wbuf, accbuf + m * kTileN);
       }
       for (int64_t m = 0; m < mr; ++m) {
         float* c = C + (m0 + m) * ldc + n0;
