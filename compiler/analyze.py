@@ -12,7 +12,8 @@ a value r, possibly with a pending sublayer output s not yet added (r + s):
                 first input leads back to q and second to k; the MatMul downstream of the
                 Softmax is P·V, whose other input leads back to v; the first linear after P·V is o
               * a fused attention op (GroupQueryAttention, MultiHeadAttention, Attention): q/k/v
-                are its inputs 0/1/2; with packed QKV (inputs 1, 2 empty) one MatMul feeds it and
+                are its inputs 0/1/2 (llmfold's `--attention fused` export: three MatMuls, the
+                rope tables are GroupQueryAttention's cos/sin_cache inputs 7/8); with packed QKV (inputs 1, 2 empty) one MatMul feeds it and
                 its columns are [0, H·d), [H·d, (H+KV)·d), [(H+KV)·d, (H+2KV)·d) by the op's
                 definition (recorded in Linear.columns)
     MLP       the two linears reading the post-attention norm: gate is the one entering a SiLU

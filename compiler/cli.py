@@ -27,7 +27,9 @@ def _positive_int(text: str) -> int:
 def _cmd_export(args) -> int:
     from compiler.export import export
 
-    export(args.source, Path(args.output), progress=not args.quiet)
+    from compiler.export import DEFAULT_ATTENTION
+
+    export(args.source, Path(args.output), progress=not args.quiet, attention=args.attention or DEFAULT_ATTENTION)
     return 0
 
 
@@ -113,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("source", metavar="SOURCE")
     s.add_argument("-o", "--output", required=True, metavar="DIR", help="new model directory")
+    s.add_argument("--attention", choices=("fused", "explicit"), default=None,
+                   help="attention layout: fused (one com.microsoft GroupQueryAttention per block, fastest in "
+                        "ONNX Runtime) or explicit (standard ops with a visible Softmax; token pruning needs it); "
+                        "default: compiler.export.DEFAULT_ATTENTION")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=_cmd_export)
 

@@ -1,7 +1,8 @@
 """Export a Llama-family model to an ONNX graph with KV cache, built directly with onnx_ir.
 
 The graph is written op by op from the Hugging Face state dict (no tracing), with standard ONNX
-ops (opset 21, IR version 10), deterministic names, and onnxruntime-genai's I/O:
+ops (opset 21, IR version 10; the fused attention layout adds com.microsoft.GroupQueryAttention),
+deterministic names, and onnxruntime-genai's I/O:
 
     input_ids [batch, seq] int64, attention_mask [batch, total] int64,
     past_key_values.{i}.key/value [batch, kv_heads, past, head_dim] float32
@@ -29,6 +30,38 @@ query heads are reshaped to [B, kv_heads, (H/kv)·T, hd], so each K/V head meets
 query heads that transformers' repeat_kv pairs it with (head h uses kv head h // (H/kv)); the
 dot products are the same. float32-min masking (as transformers) keeps fully padded rows finite.
 
+Attention layouts (`export(..., attention=...)`, recorded as "attention" in llmfold.json):
+
+* "explicit": the standard ops above (rope with Split/Neg/Concat, Softmax visible to passes).
+* "fused": per block q/k/v stay three MatMuls with initializer weights, feeding ONE
+  com.microsoft.GroupQueryAttention node `/model/layers.{i}/attn/GroupQueryAttention`
+  (num_heads=H, kv_num_heads=KV, do_rotary=1, rotary_interleaved=0, scale=head_dim^−½):
+      inputs  q, k, v [B,T,·], past_key_values.{i}.key/value, seqlens_k, total_sequence_length,
+              cos_cache, sin_cache, "" (position_ids), attention_bias
+      outputs `/model/layers.{i}/attn/GroupQueryAttention/output_0` [B,T,H·hd] (→ o MatMul),
+              present.{i}.key, present.{i}.value (BNSH, as in the explicit layout)
+  Shared by all blocks: cos_cache/sin_cache = the rotary module's tables' first halves
+  (initializers `model.rotary_emb.cos_cache` / `sin_cache`, [max_pos, head_dim/2]: rotate_half
+  RoPE tables are cat(f, f)); `/model/gqa/seqlens_k` = int32 [B] filled with S − 1 and
+  `/model/gqa/total_sequence_length` = int32 S (S = attention_mask.shape[1]);
+  attention_bias = the additive mask M above, `/model/mask/additive/output_0` [B, 1, T, S].
+  Why seqlens_k = S − 1 for every row and not genai's sum(mask) − 1: ORT's kernel treats the
+  first seqlens_k + 1 cache rows of each sequence as its tokens (right padding), so with the
+  left padding of HF generate (and of our runtime's I/O contract) sum(mask) − 1 would attend to
+  pad rows and write the new K/V at the wrong row. With S − 1 the kernel keeps the explicit
+  layout's cache rows, M masks padded keys exactly as in the explicit graph, and RoPE uses the
+  row index as position (the kernel ignores position_ids on the first prompt): for a left-padded
+  row that is the true position + its number of pads, the same shift for q and every k, and RoPE
+  scores depend only on position differences, so logits are unchanged up to rounding (tests:
+  within 1e-4 of transformers with left padding). What does differ: the absolute rotation of
+  the K cache rows of padded sequences (a fused and an explicit export's caches of a padded
+  batch are not interchangeable), and a padded batch needs S ≤ max_position_embeddings (row
+  indices, not true positions, index the tables). A step of more than one new token on top of a
+  past (chunked prefill) needs batch 1: ORT's GroupQueryAttention refuses it for batch > 1
+  ("batch_size must be 1 when sequence_length > 1 and past context is given"); llmfold's runtime
+  only runs batch 1, and HF-style batched generation (prefill without past, then one token per
+  step) works at any batch size.
+
 Tied embeddings: the Gather keeps the [V, D] matrix and lm_head gets its own [D, V] copy, so
 every linear layer (lm_head included) is a plain MatMul with an initializer weight.
 """
@@ -50,6 +83,14 @@ OPSET = 21
 IR_VERSION = 10
 FLOAT32_MIN = float(np.finfo(np.float32).min)
 INT64_MAX = int(np.iinfo(np.int64).max)
+ATTENTION_LAYOUTS = ("fused", "explicit")
+DEFAULT_ATTENTION = "fused"
+# names in the fused layout (other passes and tools look them up)
+GQA_COS_CACHE = "model.rotary_emb.cos_cache"  # [max_pos, head_dim/2]
+GQA_SIN_CACHE = "model.rotary_emb.sin_cache"
+GQA_SEQLENS_K = "/model/gqa/seqlens_k"  # int32 [B]
+GQA_TOTAL_SEQ_LEN = "/model/gqa/total_sequence_length"  # int32 scalar
+GQA_ATTENTION_BIAS = "/model/mask/additive/output_0"  # float32 [B, 1, T, S] (both layouts)
 
 
 @dataclass
@@ -160,9 +201,22 @@ def rope_tables(hf_model, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
     return cos[0].float().numpy(), sin[0].float().numpy()
 
 
-def build_graph(state: dict[str, np.ndarray], dims: LlamaDims, cos: np.ndarray, sin: np.ndarray, on_layer=None) -> ir.Model:
-    """The decoder graph from a float32 HF state dict (torch layout: Linear weight [N, K])."""
+def build_graph(state: dict[str, np.ndarray], dims: LlamaDims, cos: np.ndarray, sin: np.ndarray, on_layer=None,
+                attention: str = DEFAULT_ATTENTION) -> ir.Model:
+    """The decoder graph from a float32 HF state dict (torch layout: Linear weight [N, K]).
+
+    attention: "explicit" (standard ops, visible Softmax) or "fused" (one com.microsoft
+    GroupQueryAttention per block); see the module docstring.
+    """
+    if attention not in ATTENTION_LAYOUTS:
+        raise UserError(f"attention layout {attention!r} is unknown; use one of {', '.join(ATTENTION_LAYOUTS)}.")
+    fused = attention == "fused"
     D, H, KV, hd = dims.hidden_size, dims.num_heads, dims.num_kv_heads, dims.head_dim
+    if fused:
+        half = hd // 2
+        if hd % 2 or not (np.array_equal(cos[:, :half], cos[:, half:]) and np.array_equal(sin[:, :half], sin[:, half:])):
+            raise UserError("the model's RoPE tables are not of the form cat(f, f) (rotate_half RoPE), which "
+                            "GroupQueryAttention needs; export with --attention explicit.")
     g = GraphBuilder()
     input_ids = _int64_value("input_ids", ["batch_size", "sequence_length"])
     attention_mask = _int64_value("attention_mask", ["batch_size", "total_sequence_length"])
@@ -189,18 +243,23 @@ def build_graph(state: dict[str, np.ndarray], dims: LlamaDims, cos: np.ndarray, 
     # ---- shared: positions, rope tables, additive mask -------------------------------------
     seq_len = g.op("Shape", [input_ids], "/model/pos/seq_len", attrs={"start": 1, "end": 2})  # [1] = T
     total_len = g.op("Shape", [attention_mask], "/model/pos/total_len", attrs={"start": 1, "end": 2})  # [1] = S
-    cum = g.op("CumSum", [attention_mask, g.const(1)], "/model/pos/CumSum")
-    pos_all = g.op("Sub", [cum, g.const(1)], "/model/pos/Sub")
-    is_pad = g.op("Equal", [attention_mask, g.const(0)], "/model/pos/IsPad")
-    pos_fixed = g.op("Where", [is_pad, g.const(1), pos_all], "/model/pos/PadTo1")
-    neg_t = g.op("Neg", [seq_len], "/model/pos/NegSeqLen")
-    position_ids = g.op("Slice", [pos_fixed, neg_t, g.const([INT64_MAX]), g.const([1])], "/model/pos/position_ids")
-    cos_table = g.initializer("model.rotary_emb.cos_cached", cos)
-    sin_table = g.initializer("model.rotary_emb.sin_cached", sin)
-    cos_bt = g.op("Gather", [cos_table, position_ids], "/model/rotary/GatherCos")  # [B, T, hd]
-    sin_bt = g.op("Gather", [sin_table, position_ids], "/model/rotary/GatherSin")
-    cos_b1t = g.op("Unsqueeze", [cos_bt, g.const([1])], "/model/rotary/cos")  # [B, 1, T, hd]
-    sin_b1t = g.op("Unsqueeze", [sin_bt, g.const([1])], "/model/rotary/sin")
+    if fused:
+        # GroupQueryAttention rotates by row index itself: cos/sin caches [max_pos, head_dim/2]
+        cos_cache = g.initializer(GQA_COS_CACHE, np.ascontiguousarray(cos[:, : hd // 2]))
+        sin_cache = g.initializer(GQA_SIN_CACHE, np.ascontiguousarray(sin[:, : hd // 2]))
+    else:
+        cum = g.op("CumSum", [attention_mask, g.const(1)], "/model/pos/CumSum")
+        pos_all = g.op("Sub", [cum, g.const(1)], "/model/pos/Sub")
+        is_pad = g.op("Equal", [attention_mask, g.const(0)], "/model/pos/IsPad")
+        pos_fixed = g.op("Where", [is_pad, g.const(1), pos_all], "/model/pos/PadTo1")
+        neg_t = g.op("Neg", [seq_len], "/model/pos/NegSeqLen")
+        position_ids = g.op("Slice", [pos_fixed, neg_t, g.const([INT64_MAX]), g.const([1])], "/model/pos/position_ids")
+        cos_table = g.initializer("model.rotary_emb.cos_cached", cos)
+        sin_table = g.initializer("model.rotary_emb.sin_cached", sin)
+        cos_bt = g.op("Gather", [cos_table, position_ids], "/model/rotary/GatherCos")  # [B, T, hd]
+        sin_bt = g.op("Gather", [sin_table, position_ids], "/model/rotary/GatherSin")
+        cos_b1t = g.op("Unsqueeze", [cos_bt, g.const([1])], "/model/rotary/cos")  # [B, 1, T, hd]
+        sin_b1t = g.op("Unsqueeze", [sin_bt, g.const([1])], "/model/rotary/sin")
 
     total_scalar = g.op("Squeeze", [total_len, g.const([0])], "/model/mask/total_scalar")
     seq_scalar = g.op("Squeeze", [seq_len, g.const([0])], "/model/mask/seq_scalar")
@@ -217,6 +276,28 @@ def build_graph(state: dict[str, np.ndarray], dims: LlamaDims, cos: np.ndarray, 
         "Where", [allowed, g.const(0.0, np.float32), g.const(FLOAT32_MIN, np.float32, name="const_float32_min")],
         "/model/mask/additive",
     )
+    if fused:
+        # every row is "valid" for GQA (seqlens_k = S − 1 for each batch entry: past and present
+        # keep the full [.., S, ..] layout as in the explicit graph); padding is masked by the
+        # additive mask passed as attention_bias
+        batch = g.op("Shape", [input_ids], "/model/gqa/batch", attrs={"start": 0, "end": 1})  # [1] = B
+        last = g.op("Sub", [total_len, g.const([1])], "/model/gqa/last")  # [1] = S − 1
+        seqlens_k = g.op("Cast", [g.op("Expand", [last, batch], "/model/gqa/seqlens_k_i64")], "/model/gqa/seqlens_k_cast",
+                         attrs={"to": ir.DataType.INT32}, output_names=[GQA_SEQLENS_K])  # [B]
+        total_seq = g.op("Cast", [total_scalar], "/model/gqa/total_cast", attrs={"to": ir.DataType.INT32},
+                         output_names=[GQA_TOTAL_SEQ_LEN])  # scalar S
+
+    def gqa(i, p, q, k, v, past_k, past_v):
+        node_name = f"{p}/attn/GroupQueryAttention"
+        attn, present_k, present_v = g.op(
+            "GroupQueryAttention",
+            [q, k, v, past_k, past_v, seqlens_k, total_seq, cos_cache, sin_cache, None, additive_mask],
+            node_name, domain="com.microsoft", num_outputs=3,
+            attrs={"num_heads": H, "kv_num_heads": KV, "do_rotary": 1, "rotary_interleaved": 0,
+                   "scale": float(hd) ** -0.5},
+            output_names=[f"{node_name}/output_0", f"present.{i}.key", f"present.{i}.value"],
+        )
+        return attn, present_k, present_v
 
     def rope(z, prefix):
         first, second = g.op("Split", [z], f"{prefix}/Split", attrs={"axis": -1, "num_outputs": 2}, num_outputs=2)
@@ -226,14 +307,15 @@ def build_graph(state: dict[str, np.ndarray], dims: LlamaDims, cos: np.ndarray, 
     # ---- embedding + blocks ------------------------------------------------------------------
     embed_name = "model.embed_tokens.weight"
     x = g.op("Gather", [g.initializer(embed_name, state[embed_name]), input_ids], "/model/embed_tokens/Gather")
-    scale = g.const(float(hd) ** -0.5, np.float32, name="attention_scale")
-    shape_bthd_q = g.const([0, 0, H, hd])
-    shape_bthd_kv = g.const([0, 0, KV, hd])
-    shape_grouped = g.const([0, KV, -1, hd])
-    shape_scores = g.const([0, H, -1, 0])
-    shape_scores_grouped = g.const([0, KV, -1, 0])
-    shape_ctx_heads = g.const([0, H, -1, hd])
-    shape_btd = g.const([0, 0, H * hd])
+    if not fused:
+        scale = g.const(float(hd) ** -0.5, np.float32, name="attention_scale")
+        shape_bthd_q = g.const([0, 0, H, hd])
+        shape_bthd_kv = g.const([0, 0, KV, hd])
+        shape_grouped = g.const([0, KV, -1, hd])
+        shape_scores = g.const([0, H, -1, 0])
+        shape_scores_grouped = g.const([0, KV, -1, 0])
+        shape_ctx_heads = g.const([0, H, -1, hd])
+        shape_btd = g.const([0, 0, H * hd])
     for i in range(dims.num_layers):
         p = f"/model/layers.{i}"
         w = f"model.layers.{i}"
@@ -245,29 +327,35 @@ def build_graph(state: dict[str, np.ndarray], dims: LlamaDims, cos: np.ndarray, 
         q = linear(h, f"{w}.self_attn.q_proj.weight", f"{p}/attn/q_proj/MatMul")
         k = linear(h, f"{w}.self_attn.k_proj.weight", f"{p}/attn/k_proj/MatMul")
         v = linear(h, f"{w}.self_attn.v_proj.weight", f"{p}/attn/v_proj/MatMul")
-        perm = {"perm": [0, 2, 1, 3]}
-        q4 = g.op("Transpose", [g.op("Reshape", [q, shape_bthd_q], f"{p}/attn/q_heads/Reshape")], f"{p}/attn/q_heads/Transpose", attrs=perm)
-        k4 = g.op("Transpose", [g.op("Reshape", [k, shape_bthd_kv], f"{p}/attn/k_heads/Reshape")], f"{p}/attn/k_heads/Transpose", attrs=perm)
-        v4 = g.op("Transpose", [g.op("Reshape", [v, shape_bthd_kv], f"{p}/attn/v_heads/Reshape")], f"{p}/attn/v_heads/Transpose", attrs=perm)
-        q_rot = rope(q4, f"{p}/attn/q_rotary")
-        k_rot = rope(k4, f"{p}/attn/k_rotary")
-        present_k = g.op("Concat", [past_k, k_rot], f"{p}/attn/present_key/Concat", attrs={"axis": 2}, output_names=[f"present.{i}.key"])
-        present_v = g.op("Concat", [past_v, v4], f"{p}/attn/present_value/Concat", attrs={"axis": 2}, output_names=[f"present.{i}.value"])
-        present_k.type, present_k.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(present_dims)
-        present_v.type, present_v.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(present_dims)
-        graph_outputs += [present_k, present_v]
-        q_grouped = g.op("Reshape", [q_rot, shape_grouped], f"{p}/attn/q_grouped/Reshape")  # [B, KV, rep·T, hd]
-        k_t = g.op("Transpose", [present_k], f"{p}/attn/key_t/Transpose", attrs={"perm": [0, 1, 3, 2]})
-        scores_grouped = g.op("MatMul", [q_grouped, k_t], f"{p}/attn/qk/MatMul")  # [B, KV, rep·T, S]
-        scores = g.op("Reshape", [scores_grouped, shape_scores], f"{p}/attn/scores/Reshape")  # [B, H, T, S]
-        scaled = g.op("Mul", [scores, scale], f"{p}/attn/scores/Mul")
-        masked = g.op("Add", [scaled, additive_mask], f"{p}/attn/scores/AddMask")
-        probs = g.op("Softmax", [masked], f"{p}/attn/Softmax", attrs={"axis": -1})
-        probs_grouped = g.op("Reshape", [probs, shape_scores_grouped], f"{p}/attn/probs_grouped/Reshape")
-        ctx = g.op("MatMul", [probs_grouped, present_v], f"{p}/attn/pv/MatMul")  # [B, KV, rep·T, hd]
-        ctx_heads = g.op("Reshape", [ctx, shape_ctx_heads], f"{p}/attn/ctx_heads/Reshape")  # [B, H, T, hd]
-        ctx_bthd = g.op("Transpose", [ctx_heads], f"{p}/attn/ctx/Transpose", attrs=perm)
-        ctx_btd = g.op("Reshape", [ctx_bthd, shape_btd], f"{p}/attn/ctx/Reshape")
+        if fused:
+            ctx_btd, present_k, present_v = gqa(i, p, q, k, v, past_k, past_v)
+            present_k.type, present_k.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(present_dims)
+            present_v.type, present_v.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(present_dims)
+            graph_outputs += [present_k, present_v]
+        else:
+            perm = {"perm": [0, 2, 1, 3]}
+            q4 = g.op("Transpose", [g.op("Reshape", [q, shape_bthd_q], f"{p}/attn/q_heads/Reshape")], f"{p}/attn/q_heads/Transpose", attrs=perm)
+            k4 = g.op("Transpose", [g.op("Reshape", [k, shape_bthd_kv], f"{p}/attn/k_heads/Reshape")], f"{p}/attn/k_heads/Transpose", attrs=perm)
+            v4 = g.op("Transpose", [g.op("Reshape", [v, shape_bthd_kv], f"{p}/attn/v_heads/Reshape")], f"{p}/attn/v_heads/Transpose", attrs=perm)
+            q_rot = rope(q4, f"{p}/attn/q_rotary")
+            k_rot = rope(k4, f"{p}/attn/k_rotary")
+            present_k = g.op("Concat", [past_k, k_rot], f"{p}/attn/present_key/Concat", attrs={"axis": 2}, output_names=[f"present.{i}.key"])
+            present_v = g.op("Concat", [past_v, v4], f"{p}/attn/present_value/Concat", attrs={"axis": 2}, output_names=[f"present.{i}.value"])
+            present_k.type, present_k.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(present_dims)
+            present_v.type, present_v.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(present_dims)
+            graph_outputs += [present_k, present_v]
+            q_grouped = g.op("Reshape", [q_rot, shape_grouped], f"{p}/attn/q_grouped/Reshape")  # [B, KV, rep·T, hd]
+            k_t = g.op("Transpose", [present_k], f"{p}/attn/key_t/Transpose", attrs={"perm": [0, 1, 3, 2]})
+            scores_grouped = g.op("MatMul", [q_grouped, k_t], f"{p}/attn/qk/MatMul")  # [B, KV, rep·T, S]
+            scores = g.op("Reshape", [scores_grouped, shape_scores], f"{p}/attn/scores/Reshape")  # [B, H, T, S]
+            scaled = g.op("Mul", [scores, scale], f"{p}/attn/scores/Mul")
+            masked = g.op("Add", [scaled, additive_mask], f"{p}/attn/scores/AddMask")
+            probs = g.op("Softmax", [masked], f"{p}/attn/Softmax", attrs={"axis": -1})
+            probs_grouped = g.op("Reshape", [probs, shape_scores_grouped], f"{p}/attn/probs_grouped/Reshape")
+            ctx = g.op("MatMul", [probs_grouped, present_v], f"{p}/attn/pv/MatMul")  # [B, KV, rep·T, hd]
+            ctx_heads = g.op("Reshape", [ctx, shape_ctx_heads], f"{p}/attn/ctx_heads/Reshape")  # [B, H, T, hd]
+            ctx_bthd = g.op("Transpose", [ctx_heads], f"{p}/attn/ctx/Transpose", attrs=perm)
+            ctx_btd = g.op("Reshape", [ctx_bthd, shape_btd], f"{p}/attn/ctx/Reshape")
         attn_out = linear(ctx_btd, f"{w}.self_attn.o_proj.weight", f"{p}/attn/o_proj/MatMul")
         x = g.op("Add", [x, attn_out], f"{p}/attn_residual/Add")
 
@@ -296,7 +384,7 @@ def build_graph(state: dict[str, np.ndarray], dims: LlamaDims, cos: np.ndarray, 
         outputs=[logits] + graph_outputs,
         nodes=g.nodes,
         initializers=list(g.initializers.values()),
-        opset_imports={"": OPSET},
+        opset_imports={"": OPSET, "com.microsoft": 1} if fused else {"": OPSET},
         name="llmfold_llama",
     )
     return ir.Model(graph, ir_version=IR_VERSION, producer_name="llmfold", producer_version=_version())
@@ -322,12 +410,18 @@ def _progress(enabled: bool):
     )
 
 
-def export(source: str, out_dir, progress: bool = True) -> Path:
-    """Export SOURCE (HF dir, .gguf or alias) to the model directory `out_dir`; return its path."""
+def export(source: str, out_dir, progress: bool = True, attention: str = DEFAULT_ATTENTION) -> Path:
+    """Export SOURCE (HF dir, .gguf or alias) to the model directory `out_dir`; return its path.
+
+    attention: "fused" (one com.microsoft GroupQueryAttention per block, fast in ONNX Runtime)
+    or "explicit" (standard ops with a visible Softmax); recorded in llmfold.json.
+    """
     from compiler import modeldir
     from compiler.analyze import analyze
     from compiler.sources import load_source, resolve_source
 
+    if attention not in ATTENTION_LAYOUTS:
+        raise UserError(f"attention layout {attention!r} is unknown; use one of {', '.join(ATTENTION_LAYOUTS)}.")
     out = modeldir.check_output_dir(out_dir)  # fail before the slow load
     resolve_source(source)  # fail fast on bad sources, before importing torch
     t0 = time.perf_counter()
@@ -341,7 +435,7 @@ def export(source: str, out_dir, progress: bool = True) -> Path:
         state = _state_dict_numpy(loaded.model)
         cos, sin = rope_tables(loaded.model, dims.max_position_embeddings)
         build_task = bar.add_task("build graph (layers)", total=dims.num_layers)
-        model = build_graph(state, dims, cos, sin, on_layer=lambda i: bar.advance(build_task))
+        model = build_graph(state, dims, cos, sin, on_layer=lambda i: bar.advance(build_task), attention=attention)
         structure = analyze(model)
         meta = {
             "format": modeldir.META_FORMAT,
@@ -364,6 +458,7 @@ def export(source: str, out_dir, progress: bool = True) -> Path:
                 "bos_token_id": dims.bos_token_id,
                 "eos_token_id": dims.eos_token_id,
             },
+            "attention": attention,
             "structure": structure.to_json(),
             "passes": [],
             "custom_ops_library": None,
@@ -416,4 +511,6 @@ def _hf_side_files(loaded) -> dict[str, bytes]:
     return files
 
 
-__all__ = ["export", "build_graph", "LlamaDims", "rope_tables", "OPSET", "IR_VERSION"]
+__all__ = ["export", "build_graph", "LlamaDims", "rope_tables", "OPSET", "IR_VERSION", "ATTENTION_LAYOUTS",
+           "DEFAULT_ATTENTION", "GQA_COS_CACHE", "GQA_SIN_CACHE", "GQA_SEQLENS_K", "GQA_TOTAL_SEQ_LEN",
+           "GQA_ATTENTION_BIAS"]

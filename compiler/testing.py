@@ -11,6 +11,7 @@ generation_config.json, tokenizer files) in about a second, without network acce
   default init (std 0.02) logits are nearly constant and an exactness test could not tell a
   wrong graph from a right one.
 
+`make_tiny_export(path, attention=...)` also exports it with either attention layout.
 `hf_reference_logits` / `onnx_prefill_decode_logits` run the same prefill + greedy-free decode
 schedule through transformers and through an exported ONNX model, for exactness tests.
 """
@@ -141,6 +142,17 @@ def make_tiny_llama(
     return path
 
 
+def make_tiny_export(path, attention: str | None = None, **llama_kwargs) -> tuple[Path, Path]:
+    """A tiny random Llama (`make_tiny_llama(path / "hf", **llama_kwargs)`) exported to
+    `path / "fp32"` with the given attention layout ("fused" | "explicit"; default: the
+    exporter's). Returns (HF dir, model dir)."""
+    from compiler.export import DEFAULT_ATTENTION, export
+
+    path = Path(path)
+    hf = make_tiny_llama(path / "hf", **llama_kwargs)
+    return hf, export(str(hf), path / "fp32", progress=False, attention=attention or DEFAULT_ATTENTION)
+
+
 # --------------------------------------------------------------------------------------------
 # reference runs for exactness tests
 
@@ -250,6 +262,7 @@ def write_json(path, obj) -> None:
 
 __all__ = [
     "make_tiny_llama",
+    "make_tiny_export",
     "make_tiny_tokenizer",
     "left_padded_batch",
     "position_ids_from_mask",

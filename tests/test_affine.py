@@ -64,14 +64,14 @@ def _random_fold(model, s, which: str, rng, broken: bool = False):
 
 
 @pytest.mark.parametrize("which", FOLDS)
-def test_fold_is_exact(tiny_model_dir, tmp_path, which):
+def test_fold_is_exact(tiny_layout_dir, tmp_path, which):
     from compiler.analyze import analyze
     from compiler.modeldir import open_model_dir
 
     ids = sample_ids()
-    base = open_model_dir(tiny_model_dir).load_model()
+    base = open_model_dir(tiny_layout_dir).load_model()
     before = graph_logits(base, tmp_path, ids)
-    model = open_model_dir(tiny_model_dir).load_model()
+    model = open_model_dir(tiny_layout_dir).load_model()
     s = analyze(model)
     _random_fold(model, s, which, np.random.default_rng(7))
     w_changed = max(
@@ -96,14 +96,14 @@ def test_non_exact_variant_is_detected(tiny_model_dir, tmp_path, which):
     assert max_diff(before, graph_logits(model, tmp_path, ids)) > 1e-2
 
 
-def test_torch_block_equals_onnx_block(tiny_model_dir):
+def test_torch_block_equals_onnx_block(tiny_layout_dir):
     import torch
 
     from compiler.modeldir import open_model_dir
     from passes.affine import BlockWeights, block_forward, fp_weights, onnx_block_io, rope_tables
 
-    model = open_model_dir(tiny_model_dir).load_model()
-    ctx = make_ctx(tiny_model_dir)
+    model = open_model_dir(tiny_layout_dir).load_model()
+    ctx = make_ctx(tiny_layout_dir)
     s = ctx.structure(model)
     ids = sample_ids(shape=(1, 40))
     io = onnx_block_io(ctx, model, s, ids)
@@ -336,17 +336,17 @@ def test_nan_loss_rolls_back_to_last_good_state(tiny_model_dir, monkeypatch):
     assert np.isfinite(info["loss_final"])
 
 
-def test_affine_pass_learns_and_stays_exact_in_fp32(tiny_model_dir, tmp_path):
+def test_affine_pass_learns_and_stays_exact_in_fp32(tiny_layout_dir, tmp_path):
     """The whole pass on the tiny model: learned transforms, folded; the fp32 graph is unchanged
     (≤ 1e-4) while its weights changed, every block's loss went down, records are written."""
     from compiler.modeldir import open_model_dir
     from passes.affine import AffineParams, AffinePass
 
-    model = open_model_dir(tiny_model_dir).load_model()
+    model = open_model_dir(tiny_layout_dir).load_model()
     ids = sample_ids()
     before = graph_logits(model, tmp_path, ids)
     w0 = model.graph.initializers["model.layers.0.self_attn.v_proj.weight"].const_value.numpy().copy()
-    ctx = make_ctx(tiny_model_dir, windows=4, seq_len=32)
+    ctx = make_ctx(tiny_layout_dir, windows=4, seq_len=32)
     p = AffineParams(act_bits=4, block_size=16, epochs=3, samples=4, seq_len=32, batch=2, qk=True)
     AffinePass(ctx, p)(model)
     rec = ctx.records[-1]

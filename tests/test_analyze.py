@@ -21,8 +21,9 @@ def _load(model_dir) -> ir.Model:
     return ir.load(Path(model_dir) / "model.onnx")
 
 
-def test_our_export(tiny_model_dir):
-    model = _load(tiny_model_dir)
+def test_our_export(tiny_layout_dir):
+    model = _load(tiny_layout_dir)
+    fused = "com.microsoft" in model.opset_imports
     s = analyze(model)
     assert s.unrecognized == []
     assert len(s.blocks) == 2
@@ -34,7 +35,12 @@ def test_our_export(tiny_model_dir):
                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
     inits = model.graph.initializers
     for b in s.blocks:
-        assert b.attention_kind == "softmax" and b.attention == f"/model/layers.{b.index}/attn/Softmax"
+        if fused:
+            assert b.attention_kind == "GroupQueryAttention"
+            assert b.attention == f"/model/layers.{b.index}/attn/GroupQueryAttention"
+            assert b.o.input == f"{b.attention}/output_0"
+        else:
+            assert b.attention_kind == "softmax" and b.attention == f"/model/layers.{b.index}/attn/Softmax"
         assert b.input_norm.weight == f"model.layers.{b.index}.input_layernorm.weight"
         assert b.post_attention_norm.weight == f"model.layers.{b.index}.post_attention_layernorm.weight"
         assert b.attention_residual_add == f"/model/layers.{b.index}/attn_residual/Add"
@@ -44,7 +50,7 @@ def test_our_export(tiny_model_dir):
             assert lin.role == role and lin.block == b.index and lin.name == f"layers.{b.index}.{role}"
             assert lin.weight == f"model.layers.{b.index}.{hf_names[role]}.weight"
             assert (lin.K, lin.N) == shapes[role] == inits[lin.weight].const_value.shape
-            assert lin.kind == "dense" and lin.nodes == [lin.node]
+            assert lin.kind == "dense" and lin.nodes == [lin.node] and lin.columns is None
         # linear inputs are the values calibration must tap
         assert b.q.input == b.k.input == b.v.input == b.input_norm.output
         assert b.gate.input == b.up.input == b.post_attention_norm.output

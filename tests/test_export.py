@@ -46,21 +46,44 @@ def _compare(hf_model, onnx_path, lengths, decode_steps=16, seed=0, pad_id=0):
     return prefill_diff, decode_diff, presents
 
 
-def test_logits_match_transformers_with_left_padding(tiny_hf_dir, tiny_model_dir):
-    prefill, decode, _ = _compare(_hf(tiny_hf_dir), Path(tiny_model_dir) / "model.onnx", [64, 41, 9])
+def test_logits_match_transformers_with_left_padding(tiny_hf_dir, tiny_layout_dir):
+    prefill, decode, _ = _compare(_hf(tiny_hf_dir), Path(tiny_layout_dir) / "model.onnx", [64, 41, 9])
     assert prefill <= TOL and decode <= TOL, (prefill, decode)
 
 
-def test_single_sequence_prefill_64_decode_16(tiny_hf_dir, tiny_model_dir):
-    prefill, decode, presents = _compare(_hf(tiny_hf_dir), Path(tiny_model_dir) / "model.onnx", [64])
+def test_single_sequence_prefill_64_decode_16(tiny_hf_dir, tiny_layout_dir):
+    prefill, decode, presents = _compare(_hf(tiny_hf_dir), Path(tiny_layout_dir) / "model.onnx", [64])
     assert prefill <= TOL and decode <= TOL, (prefill, decode)
     assert set(presents) == {f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")}
     for arr in presents.values():
         assert arr.shape == (1, 2, 64 + 16, 16) and arr.dtype == np.float32
 
 
-def test_graph_io_follows_onnxruntime_genai(tiny_model_dir):
-    sess = onnx_session(Path(tiny_model_dir) / "model.onnx")
+def test_chunked_prefill_on_a_past_matches_between_layouts(tiny_fused_dir, tiny_explicit_dir):
+    """Batch 1: a prompt fed in two chunks (the second on top of the first's KV cache) gives the
+    same logits in both layouts (ORT's GroupQueryAttention refuses this for batch > 1)."""
+    rng = np.random.default_rng(5)
+    ids = rng.integers(3, 300, (1, 24)).astype(np.int64)
+
+    def run(model_dir):
+        sess = onnx_session(Path(model_dir) / "model.onnx")
+        names = [o.name for o in sess.get_outputs()]
+        feeds = {"input_ids": ids[:, :15], "attention_mask": np.ones((1, 15), np.int64)}
+        for i in range(2):
+            for kv in ("key", "value"):
+                feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, 2, 0, 16), np.float32)
+        first = dict(zip(names, sess.run(None, feeds)))
+        feeds = {"input_ids": ids[:, 15:], "attention_mask": np.ones((1, 24), np.int64)}
+        feeds.update({n.replace("present.", "past_key_values."): a for n, a in first.items() if n.startswith("present.")})
+        return first["logits"], sess.run(["logits"], feeds)[0]
+
+    (fa, fb), (ea, eb) = run(tiny_fused_dir), run(tiny_explicit_dir)
+    assert fb.shape == (1, 9, 384)
+    assert float(np.abs(fa - ea).max()) <= TOL and float(np.abs(fb - eb).max()) <= TOL
+
+
+def test_graph_io_follows_onnxruntime_genai(tiny_layout_dir):
+    sess = onnx_session(Path(tiny_layout_dir) / "model.onnx")
     ins = {i.name: (i.type, i.shape) for i in sess.get_inputs()}
     outs = {o.name: (o.type, o.shape) for o in sess.get_outputs()}
     assert ins["input_ids"] == ("tensor(int64)", ["batch_size", "sequence_length"])
@@ -73,11 +96,11 @@ def test_graph_io_follows_onnxruntime_genai(tiny_model_dir):
     assert len(ins) == 2 + 4 and len(outs) == 1 + 4
 
 
-def test_graph_is_valid_onnx_with_plain_matmuls_and_visible_softmax(tiny_model_dir):
+def test_graph_is_valid_onnx_with_plain_matmuls_and_visible_softmax(tiny_explicit_dir):
     import onnx
     import onnx_ir as ir
 
-    path = Path(tiny_model_dir) / "model.onnx"
+    path = Path(tiny_explicit_dir) / "model.onnx"
     onnx.checker.check_model(str(path), full_check=True)
     model = ir.load(path)
     assert model.ir_version == 10 and model.opset_imports[""] >= 21
@@ -90,6 +113,61 @@ def test_graph_is_valid_onnx_with_plain_matmuls_and_visible_softmax(tiny_model_d
     assert q.shape == (64, 64)  # [K, N]
     assert model.graph.initializers["model.layers.0.self_attn.k_proj.weight"].const_value.shape == (64, 32)
     assert {n.domain for n in model.graph} == {""}
+
+
+def test_fused_layout_is_one_group_query_attention_per_block(tiny_fused_dir, tiny_explicit_dir):
+    """The fused layout: q/k/v MatMuls → one com.microsoft.GroupQueryAttention → o MatMul; the
+    same weights as the explicit layout; shared seqlens_k / total_sequence_length / caches."""
+    import onnx
+    import onnx_ir as ir
+
+    from compiler.export import GQA_ATTENTION_BIAS, GQA_COS_CACHE, GQA_SEQLENS_K, GQA_SIN_CACHE, GQA_TOTAL_SEQ_LEN
+
+    path = Path(tiny_fused_dir) / "model.onnx"
+    onnx.checker.check_model(str(path))
+    model = ir.load(path)
+    explicit = ir.load(Path(tiny_explicit_dir) / "model.onnx")
+    assert model.opset_imports == {"": 21, "com.microsoft": 1}
+    ops = [n.op_type for n in model.graph]
+    assert "Softmax" not in ops and "Split" not in ops and "Concat" not in ops
+    assert len(list(model.graph)) < len(list(explicit.graph))
+    gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert [n.name for n in gqa] == [f"/model/layers.{i}/attn/GroupQueryAttention" for i in range(2)]
+    inits = model.graph.initializers
+    for i, node in enumerate(gqa):
+        assert node.domain == "com.microsoft"
+        a = node.attributes
+        assert (a["num_heads"].value, a["kv_num_heads"].value, a["do_rotary"].value, a["rotary_interleaved"].value) == (4, 2, 1, 0)
+        assert a["scale"].value == pytest.approx(16 ** -0.5)
+        names = [v.name if v is not None else "" for v in node.inputs]
+        assert names[0] == f"/model/layers.{i}/attn/q_proj/MatMul/output_0"
+        assert names[1] == f"/model/layers.{i}/attn/k_proj/MatMul/output_0"
+        assert names[2] == f"/model/layers.{i}/attn/v_proj/MatMul/output_0"
+        assert names[3:] == [f"past_key_values.{i}.key", f"past_key_values.{i}.value", GQA_SEQLENS_K,
+                             GQA_TOTAL_SEQ_LEN, GQA_COS_CACHE, GQA_SIN_CACHE, "", GQA_ATTENTION_BIAS]
+        assert [o.name for o in node.outputs] == [f"{node.name}/output_0", f"present.{i}.key", f"present.{i}.value"]
+        o_proj = [u.node for u in node.outputs[0].uses()]
+        assert [n.name for n in o_proj] == [f"/model/layers.{i}/attn/o_proj/MatMul"]
+    cos = inits[GQA_COS_CACHE].const_value.numpy()
+    full = explicit.graph.initializers["model.rotary_emb.cos_cached"].const_value.numpy()
+    assert cos.shape == (256, 8) and np.array_equal(cos, full[:, :8])
+    assert inits[GQA_SIN_CACHE].const_value.shape == (256, 8)
+    for name, init in explicit.graph.initializers.items():
+        if name.endswith(".weight"):
+            assert np.array_equal(inits[name].const_value.numpy(), init.const_value.numpy()), name
+
+
+def test_attention_layout_is_recorded_and_selectable(tiny_hf_dir, tiny_fused_dir, tiny_explicit_dir, tmp_path, capsys):
+    from compiler.cli import main
+    from compiler.export import export
+
+    assert json.loads((Path(tiny_fused_dir) / "llmfold.json").read_text())["attention"] == "fused"
+    assert json.loads((Path(tiny_explicit_dir) / "llmfold.json").read_text())["attention"] == "explicit"
+    assert main(["export", str(tiny_hf_dir), "-o", str(tmp_path / "cli"), "--attention", "fused", "-q"]) == 0
+    assert files_digest(tmp_path / "cli") == files_digest(tiny_fused_dir)
+    with pytest.raises(UserError, match="attention layout"):
+        export(str(tiny_hf_dir), tmp_path / "bad", progress=False, attention="flash")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_llmfold_json(tiny_hf_dir, tiny_model_dir):
@@ -133,14 +211,15 @@ def test_export_is_deterministic(tiny_hf_dir, tiny_model_dir, tmp_path):
     assert files_digest(again) == files_digest(tiny_model_dir)
 
 
-def test_tied_embeddings_and_mistral(tmp_path):
+@pytest.mark.parametrize("attention", ["explicit", "fused"])
+def test_tied_embeddings_and_mistral(tmp_path, attention):
     """Tied embeddings get their own [D, V] lm_head; Mistral (no sliding window) exports exactly."""
     import onnx_ir as ir
 
     from compiler.export import export
 
     tied = make_tiny_llama(tmp_path / "tied_hf", seed=3, tied=True, layers=1)
-    out = export(str(tied), tmp_path / "tied", progress=False)
+    out = export(str(tied), tmp_path / "tied", progress=False, attention=attention)
     prefill, decode, _ = _compare(_hf(tied), out / "model.onnx", [20, 12], decode_steps=4)
     assert prefill <= TOL and decode <= TOL
     meta = json.loads((out / "llmfold.json").read_text())
@@ -151,7 +230,7 @@ def test_tied_embeddings_and_mistral(tmp_path):
     assert emb.shape == head.T.shape and np.array_equal(emb, head.T)
 
     mistral = make_tiny_llama(tmp_path / "mistral_hf", seed=4, layers=1, architecture="MistralForCausalLM")
-    out = export(str(mistral), tmp_path / "mistral", progress=False)
+    out = export(str(mistral), tmp_path / "mistral", progress=False, attention=attention)
     prefill, decode, _ = _compare(_hf(mistral), out / "model.onnx", [24], decode_steps=4)
     assert prefill <= TOL and decode <= TOL
     assert json.loads((out / "llmfold.json").read_text())["architecture"] == "MistralForCausalLM"

@@ -50,15 +50,15 @@ def test_rotation_is_seeded_randomized_orthogonal():
 # exactness on the tiny model
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["hadamard", "random"])
-def test_rotate_is_exact_on_tiny(tiny_model_dir, tmp_path, kind):
+def test_rotate_is_exact_on_tiny(tiny_layout_dir, tmp_path, kind):
     from compiler.modeldir import open_model_dir
     from passes.rotate import RotatePass, RotateParams
 
-    model = open_model_dir(tiny_model_dir).load_model()
+    model = open_model_dir(tiny_layout_dir).load_model()
     ids = sample_ids()
     before = graph_logits(model, tmp_path, ids)
     emb_before = model.graph.initializers["model.embed_tokens.weight"].const_value.numpy().copy()
-    ctx = make_ctx(tiny_model_dir)
+    ctx = make_ctx(tiny_layout_dir)
     s = ctx.structure(model)
     result = RotatePass(ctx, RotateParams(kind=kind))(model)
     assert result.modified
@@ -115,16 +115,16 @@ def test_rotate_unties_tied_embeddings(tmp_path_factory, tmp_path):
     assert max_diff(before, graph_logits(model, tmp_path, ids)) <= TOL
 
 
-def test_rotate_through_compile_driver(tiny_model_dir, tmp_path):
+def test_rotate_through_compile_driver(tiny_layout_dir, tmp_path):
     from compiler.driver import compile_model
     from compiler.modeldir import open_model_dir
     from compiler.recipe import load_recipe
 
     recipe = tmp_path / "rot.toml"
     recipe.write_text('[calibration]\nwindows = 2\nseq_len = 16\n[[pass]]\nname = "rotate"\nseed = 5\n')
-    out = compile_model(tiny_model_dir, tmp_path / "out", load_recipe(str(recipe)), progress=False)
+    out = compile_model(tiny_layout_dir, tmp_path / "out", load_recipe(str(recipe)), progress=False)
     ids = sample_ids()
-    a = graph_logits(open_model_dir(tiny_model_dir).load_model(), tmp_path, ids)
+    a = graph_logits(open_model_dir(tiny_layout_dir).load_model(), tmp_path, ids)
     compiled = open_model_dir(out)
     b = graph_logits(compiled.load_model(), tmp_path, ids)
     assert max_diff(a, b) <= TOL
