@@ -48,7 +48,7 @@ def samples():
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tiny_model_dir, tiny_explicit_dir, tmp_path_factory):
+def tiny_models(tiny_model_dir, tmp_path_factory):
     """name -> compiled tiny model directory (each recipe whose passes exist)."""
     root = tmp_path_factory.mktemp("arm_e2e")
     calib = calib_text(root / "calib.txt")
@@ -57,8 +57,7 @@ def tiny_models(tiny_model_dir, tiny_explicit_dir, tmp_path_factory):
         needed = {"int4": "passes.int4", "svd": "passes.svd", "token_prune": "passes.token_prune"}
         if any(f'name = "{p}"' in body and importlib.util.find_spec(m) is None for p, m in needed.items()):
             continue
-        src = tiny_explicit_dir if 'name = "token_prune"' in body else tiny_model_dir  # token_prune needs the Softmax
-        out[name] = compile_recipe(src, root, name, calib)
+        out[name] = compile_recipe(tiny_model_dir, root, name, calib)  # the default (fused) layout, pruned too
     return out
 
 

@@ -118,7 +118,7 @@ def tiny4(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny4")
     hf = make_tiny_llama(root / "hf", seed=3, layers=4)
-    out = export(str(hf), root / "fp32", progress=False, attention="explicit")  # token_prune needs the Softmax
+    out = export(str(hf), root / "fp32", progress=False, attention="explicit")  # the explicit layout; tiny4f below is the fused one
     model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
     return hf, out, RefLlama(model)
 
