@@ -1,7 +1,8 @@
 """Streamed statistics of a linear layer's input X (rows = tokens, columns = K channels).
 
 Accumulated window by window so memory is O(K²) per tapped value, whatever the amount of text:
-    xtx    = Σ_t x_tᵀ x_t          (float64, [K, K]; the GPTQ Hessian / SVD-LLM whitening Gram)
+    xtx    = Σ_t x_tᵀ x_t          (float64, [K, K]; the GPTQ Hessian / SVD-LLM whitening Gram;
+                                    float32 products of ≤ 1024-row chunks summed in float64)
     absmax = max_t |x_t|           (per channel)
     mean   = Σ_t x_t / count       (per channel, float64)
     samples: at most `max_samples` rows kept by seeded reservoir sampling (optional).
@@ -16,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+GRAM_CHUNK = 1024  # rows per float32 Gram product
 
 
 @dataclass
@@ -53,9 +56,12 @@ class InputStats:
     def update(self, x: np.ndarray) -> None:
         """Add rows x [..., K] (float32) to the statistics."""
         x = np.asarray(x, np.float32).reshape(-1, self.K)
-        x64 = x.astype(np.float64)
-        self.xtx += x64.T @ x64
-        self.sum += x64.sum(0)
+        # the Gram product of each chunk of ≤ GRAM_CHUNK rows in float32 (BLAS syrk, 2.4× less CPU
+        # than float64: relative error ~1e-6, far below GPTQ's 1e-2 dampening), summed in float64
+        for r0 in range(0, len(x), GRAM_CHUNK):
+            xc = x[r0 : r0 + GRAM_CHUNK]
+            self.xtx += xc.T @ xc
+        self.sum += x.sum(0, dtype=np.float64)
         if len(x):
             np.maximum(self.absmax, np.abs(x).max(0), out=self.absmax)
         self.count += len(x)

@@ -97,6 +97,14 @@ blocks (the sequential GPTQ of the paper), including their activation quantizati
 runs the calibration windows through the model up to its last block, so fewer, larger rounds are
 faster (stats_blocks = number of blocks: one pass, no sequential effect) and more rounds cost time.
 
+Cost (SmolLM2-135M, 16 windows × 512 tokens, 2 cores): the pass used to run GPTQ with torch's
+default two threads, and its per-channel loop of small ops then burnt 10–17× more CPU than with
+one thread (≈ 1600 of the compile's CPU seconds); the pass now runs torch single-threaded. Layers
+sharing an input (q/k/v, gate/up) are quantized as one concatenated matrix (one factorization,
+one channel loop; identical result, every column is independent), and the calibration Gram
+products are float32 per window summed in float64 (`compiler.stats`). What remains is mostly the
+ONNX Runtime calibration runs (with taps) — hence the number of rounds matters.
+
 Layers that cannot be quantized (already a QMatMul/MatMulNBits, a non-constant or non-2-D weight,
 a weight shared by two layers) are all listed before anything changes; `on_unsupported = "error"`
 stops with that list, `"skip"` leaves them as they are and quantizes the rest (the record in
@@ -106,6 +114,7 @@ llmfold.json names the skipped layers). A low-rank pair (SVD pass) is quantized 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import time
 from dataclasses import dataclass, field
@@ -231,6 +240,17 @@ class QuantizedWeight:
         zp = self.zero_points.astype(np.float32) if self.zero_points is not None else np.float32(8.0)
         zp = zp[rows] if self.zero_points is not None else zp
         return (self.scales[rows] * (self.q.astype(np.float32) - zp)).astype(np.float32)
+
+
+def split_columns(qw: QuantizedWeight, widths: list[int]) -> list[QuantizedWeight]:
+    """The quantized weights of layers whose [K, N_i] weights were concatenated along N."""
+    out, n0 = [], 0
+    for n in widths:
+        cols = slice(n0, n0 + n)
+        zp = None if qw.zero_points is None else np.ascontiguousarray(qw.zero_points[:, cols])
+        out.append(QuantizedWeight(np.ascontiguousarray(qw.q[:, cols]), np.ascontiguousarray(qw.scales[:, cols]), zp, qw.block_size))
+        n0 += n
+    return out
 
 
 def n_blocks_of(K: int, block_size: int) -> int:
@@ -767,9 +787,10 @@ class Int4Pass(CompilerPass):
         self._pack = pack_int4_blocks
         model.opset_imports[CUSTOM_DOMAIN] = 1
         t0 = time.perf_counter()
+        self._timing = {"calibration": 0.0, "quantize": 0.0, "trip": 0.0}
         rounds = self._rounds(units)
         per_layer: dict[str, dict] = {}
-        with self.ctx.progress("int4", total=len(units)) as advance:
+        with self.ctx.progress("int4", total=len(units)) as advance, _one_torch_thread():
             for round_units in rounds:
                 self._quantize_round(model, round_units, per_layer, advance)
         errors = [v["rel_err"] for v in per_layer.values() if v.get("rel_err") is not None]
@@ -782,9 +803,15 @@ class Int4Pass(CompilerPass):
             act_bits=p.act_bits,
             act_bits_overrides=dict(p.act_bits_overrides),
             trip=p.trip,
-            seconds=round(time.perf_counter() - t0, 2),
             mean_rel_output_error=round(float(np.mean(errors)), 6) if errors else None,
             layers=per_layer,
+        )
+        # timings go to the log, not the record: the same inputs and seed give identical files
+        t = self._timing
+        self.ctx.log(
+            f"{len(units)} layers in {len(rounds)} statistics round(s), {time.perf_counter() - t0:.1f} s: "
+            f"calibration {t['calibration']:.1f} s, quantization {t['quantize']:.1f} s, "
+            f"TRIP {t['trip']:.1f} s"
         )
         self.ctx.invalidate_structure()
         return ir.passes.PassResult(model, True)
@@ -815,12 +842,14 @@ class Int4Pass(CompilerPass):
             values = list(dict.fromkeys(u.input_name for u in stage if self._needs_stats(u)))
             trip_values = {u.input_name for u in stage if p.trip and u.act_bits < 16}
             stats = {}
+            t0 = time.perf_counter()
             if values:
                 plain = [v for v in values if v not in trip_values]
                 if plain:
                     stats.update(self.ctx.input_stats(model, plain))
                 if trip_values:
                     stats.update(self.ctx.input_stats(model, sorted(trip_values), max_samples=p.trip_samples))
+            self._timing["calibration"] += time.perf_counter() - t0
             by_input: dict[str, list[QuantUnit]] = {}
             for u in stage:
                 by_input.setdefault(u.input_name, []).append(u)
@@ -839,6 +868,7 @@ class Int4Pass(CompilerPass):
             if stats is None or stats.samples is None or len(stats.samples) == 0:
                 raise UserError(f"int4: TRIP needs calibration samples of {value}; none were collected")
             W_cat = np.concatenate([weights[u.name] for u in quantized_act], axis=1)
+            t0 = time.perf_counter()
             shifts = choose_trip_shifts(
                 stats.samples,
                 W_cat,
@@ -849,28 +879,37 @@ class Int4Pass(CompilerPass):
                 symmetric=p.symmetric,
                 candidates=p.trip_candidates,
             )
+            self._timing["trip"] += time.perf_counter() - t0
+        # Layers reading the same input with the same channel shifts see the same H, so GPTQ's
+        # processing order, Cholesky factor and error propagation are the same for them; every
+        # output column is quantized independently (its block scales, codes and error updates use
+        # only that column). Their weights are therefore quantized as one [K, ΣN] matrix: the
+        # result equals quantizing each layer alone, with one factorization and one channel loop.
+        subsets: dict[bool, list[QuantUnit]] = {}
         for u in group:
+            shifted = shifts is not None and u.act_bits < 16 and bool(shifts.any())
+            subsets.setdefault(shifted, []).append(u)
+        for shifted, units in subsets.items():
             t0 = time.perf_counter()
-            W = weights[u.name]
+            unit_shift = shifts if shifted else None
+            Ws = [weights[u.name] for u in units]
             H_u = H
-            unit_shift = shifts if (shifts is not None and u.act_bits < 16 and shifts.any()) else None
             if unit_shift is not None:
-                W = fold_trip_shifts(W, unit_shift)
+                Ws = [fold_trip_shifts(W, unit_shift) for W in Ws]
                 if H is not None:
                     inv = np.exp2(-unit_shift.astype(np.float64))
                     H_u = H * inv[:, None] * inv[None, :]  # (X·D⁻¹)ᵀ(X·D⁻¹) = D⁻¹ XᵀX D⁻¹
-            qw = self.quantize_weight(W, H_u)
-            rel = None
-            if H_u is not None:
-                rel = _relative_output_error(W, qw.dequantize(), H_u)
-            self._replace(model, u, qw, unit_shift)
-            per_layer[u.name] = {
-                "act_bits": u.act_bits,
-                "rel_err": None if rel is None else round(rel, 6),
-                "shifted_channels": int((unit_shift > 0).sum()) if unit_shift is not None else 0,
-                "seconds": round(time.perf_counter() - t0, 3),
-            }
-            advance(1, info=u.name)
+            qws = split_columns(self.quantize_weight(np.concatenate(Ws, axis=1), H_u), [W.shape[1] for W in Ws])
+            self._timing["quantize"] += time.perf_counter() - t0
+            for u, W, qw in zip(units, Ws, qws):
+                rel = None if H_u is None else _relative_output_error(W, qw.dequantize(), H_u)
+                self._replace(model, u, qw, unit_shift)
+                per_layer[u.name] = {
+                    "act_bits": u.act_bits,
+                    "rel_err": None if rel is None else round(rel, 6),
+                    "shifted_channels": int((unit_shift > 0).sum()) if unit_shift is not None else 0,
+                }
+                advance(1, info=u.name)
 
     def quantize_weight(self, W: np.ndarray, H: np.ndarray | None) -> QuantizedWeight:
         p = self.params
@@ -924,6 +963,9 @@ class Int4Pass(CompilerPass):
             ],
             num_outputs=1,
             name=new_name,
+            # tags such as metadata_props["llmfold.layer"] (the SVD pass's low-rank factors) stay
+            # on the node, so analysis still recognizes a QMatMul→QMatMul low-rank pair
+            metadata_props=dict(u.node.metadata_props),
         )
         ir.convenience.replace_nodes_and_values(
             graph, insertion_point=u.node, old_nodes=[u.node], new_nodes=[node],
@@ -933,11 +975,29 @@ class Int4Pass(CompilerPass):
             graph.initializers.pop(u.weight.name)
 
 
-def _relative_output_error(W: np.ndarray, W_hat: np.ndarray, H: np.ndarray) -> float:
-    """tr(ΔᵀHΔ) / tr(WᵀHW): the layer's relative output error on the calibration inputs."""
+@contextlib.contextmanager
+def _one_torch_thread():
+    """torch with one intra-op thread while the pass runs: GPTQ is a sequence of small ops on
+    [N, ≤128] slices, for which torch's OpenMP team costs far more than it gains — measured on the
+    2-core machine with other jobs running: 10–17× more CPU time (and wall time) with 2 threads
+    than with 1 for SmolLM2's 576×576 … 1536×576 layers. Calibration runs in ONNX Runtime, whose
+    threads this does not touch. The caller's setting is restored."""
     torch = _torch()
-    Ht = torch.as_tensor(H, dtype=torch.float64)
-    Wt = torch.as_tensor(W, dtype=torch.float64)
-    D = Wt - torch.as_tensor(W_hat, dtype=torch.float64)
-    den = float((Wt * (Ht @ Wt)).sum())
-    return float((D * (Ht @ D)).sum()) / den if den > 0 else 0.0
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _relative_output_error(W: np.ndarray, W_hat: np.ndarray, H: np.ndarray) -> float:
+    """tr(ΔᵀHΔ) / tr(WᵀHW): the layer's relative output error on the calibration inputs (a
+    diagnostic rounded to 6 digits: float32 products, float64 sums; lm_head's [576, 49152] weight
+    made the float64 products a noticeable share of the pass)."""
+    torch = _torch()
+    Ht = torch.as_tensor(np.asarray(H, np.float32))
+    Wt = torch.as_tensor(np.asarray(W, np.float32))
+    D = Wt - torch.as_tensor(np.asarray(W_hat, np.float32))
+    den = float((Wt * (Ht @ Wt)).sum(dtype=torch.float64))
+    return float((D * (Ht @ D)).sum(dtype=torch.float64)) / den if den > 0 else 0.0

@@ -23,6 +23,7 @@ from passes.int4 import (
     quantize_gptq,
     quantize_rtn,
     shrink_grid,
+    split_columns,
     trip_objective,
 )
 
@@ -606,3 +607,57 @@ def test_bad_recipe_values_are_user_errors(tmp_path, line, key):
     p.write_text(f'[[pass]]\nname = "int4"\n{line}\n')
     with pytest.raises(UserError, match=key):
         load_recipe(str(p))
+
+
+def test_qmatmul_keeps_the_layer_tag_of_the_matmul_it_replaces(tiny_model_dir, tmp_path, calib_file):
+    """The SVD pass tags both factor MatMuls with metadata_props["llmfold.layer"]; the QMatMuls that
+    replace them keep the tag (analysis recognizes QMatMul→QMatMul low-rank pairs by it)."""
+    import onnx
+    import onnx_ir as ir
+
+    from compiler.driver import CompileContext
+    from compiler.modeldir import open_model_dir
+    from compiler.recipe import CalibrationConfig
+    from passes.int4 import Int4Pass
+    from passes.svd import SvdParams, SvdPass
+
+    src = open_model_dir(tiny_model_dir)
+    model = src.load_model()
+    ctx = CompileContext(src, CalibrationConfig(windows=4, seq_len=64), calib_file, progress=False)
+    try:
+        svd = SvdParams(ratio=0.3)
+        svd.validate()
+        model = SvdPass(ctx, svd)(model).model
+        ctx.invalidate_structure()
+        tagged = {n.name: n.metadata_props["llmfold.layer"] for n in model.graph if "llmfold.layer" in n.metadata_props}
+        assert len(tagged) == 2 * 2 * 7  # 2 blocks × 7 linears × 2 factors
+        params = Int4Params(algorithm="rtn", block_size=16, lm_head=False)
+        params.validate()
+        model = Int4Pass(ctx, params)(model).model
+    finally:
+        ctx.close()
+    out = tmp_path / "svd-int4.onnx"
+    ir.save(model, out, external_data="svd-int4.onnx.data")
+    proto = onnx.load(str(out), load_external_data=False)
+    got = {n.name: {p.key: p.value for p in n.metadata_props}.get("llmfold.layer") for n in proto.graph.node
+           if n.op_type == "QMatMul"}
+    assert len(got) == len(tagged)
+    for name, layer in tagged.items():
+        assert got[name[: -len("MatMul")] + "QMatMul" if name.endswith("MatMul") else f"{name}/QMatMul"] == layer
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "rtn-clip"])
+def test_layers_sharing_an_input_quantize_as_one_matrix(algorithm):
+    """q/k/v (gate/up) share H: quantizing [W_a | W_b] at once equals quantizing each alone."""
+    X, W, H = correlated_layer(K=128, N=72)
+    Wa, Wb = W[:, :40], W[:, 40:]
+    if algorithm == "gptq":
+        run = lambda w: quantize_gptq(w, H, 32, False, act_order=True, clip=True, lazy_batch=48)
+    else:
+        run = lambda w: quantize_rtn(w, 32, False, clip=True, hessian=H)
+    joint = split_columns(run(W), [40, 32])
+    for alone, part in zip((run(Wa), run(Wb)), joint):
+        assert (alone.q == part.q).mean() > 0.999  # a float tie may break differently, nothing more
+        np.testing.assert_allclose(alone.scales, part.scales, rtol=1e-5)
+        np.testing.assert_array_equal(alone.zero_points, part.zero_points)
+        np.testing.assert_allclose(part.dequantize(), alone.dequantize(), atol=1e-5 * np.abs(W).max())
