@@ -2,7 +2,8 @@
 
     export smollm2-135m → fp32 model dir → compile --recipe R → eval both on held-out text
 
-Artifacts are cached under build/demo/ (delete it to start over). Prints one table:
+Artifacts are cached under build/demo/ and rebuilt when stale (an export from another attention
+layout, a compile from another recipe text); delete the directory to start over. Prints one table:
 perplexity on the held-out fortunes text, size on disk, prefill and decode tokens/s.
 """
 
@@ -38,8 +39,11 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
+    import shutil
+
     from compiler.driver import compile_model
-    from compiler.export import export
+    from compiler.export import DEFAULT_ATTENTION, export
+    from compiler.recipe import load_recipe
     from compiler.runtime import evaluate, generate
     from compiler.textdata import default_eval_text
 
@@ -50,6 +54,15 @@ def main() -> int:
     fp32 = out / "smollm2-135m-fp32"
     compiled = out / f"smollm2-135m-{recipe}"
 
+    def meta(d: Path) -> dict:
+        return json.loads((d / "llmfold.json").read_text()) if (d / "llmfold.json").is_file() else {}
+
+    if meta(fp32) and meta(fp32).get("attention", "explicit") != DEFAULT_ATTENTION:
+        shutil.rmtree(fp32)
+        shutil.rmtree(compiled, ignore_errors=True)
+    want = json.loads(json.dumps(load_recipe(recipe).to_json()))
+    if meta(compiled) and {k: v for k, v in meta(compiled).get("recipe", {}).items() if k in want} != want:
+        shutil.rmtree(compiled)
     if not (fp32 / "llmfold.json").exists():
         console.rule("export smollm2-135m")
         t = time.perf_counter()
