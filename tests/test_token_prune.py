@@ -123,6 +123,15 @@ def tiny4(tmp_path_factory):
     return hf, out, RefLlama(model)
 
 
+@pytest.fixture(scope="module")
+def tiny4f(tiny4):
+    """The same tiny Llama as tiny4 exported with attention="fused"."""
+    from compiler.export import export
+
+    hf, explicit, ref = tiny4
+    return hf, export(str(hf), explicit.parent / "fused", progress=False, attention="fused"), ref
+
+
 def write_recipe(path, **params) -> str:
     def fmt(v):
         if isinstance(v, str):
@@ -171,13 +180,30 @@ def prompt(n, seed=0, vocab=300):
     return np.random.default_rng(seed).integers(3, vocab, n)
 
 
+def reference_greedy(ref, ids, plan, n):
+    """n greedy tokens of the torch reference after a pruned prefill of `ids`."""
+    logits, past, _ = ref.forward(ids, np.arange(len(ids)), ref.empty_past(), plan)
+    want = []
+    for j in range(n):
+        tok = int(np.argmax(logits[-1]))
+        want.append(tok)
+        logits, past, _ = ref.forward([tok], [len(ids) + j], past, plan)
+    return want
+
+
 # --------------------------------------------------------------------------------------------
 # exactness
 
 
-def test_keep_ratio_one_is_exact(tiny4, tmp_path):
-    _, src, _ = tiny4
+@pytest.mark.parametrize("layout", ["explicit", "fused"])
+def test_keep_ratio_one_is_exact(tiny4, tiny4f, tmp_path, layout):
+    _, src, _ = tiny4 if layout == "explicit" else tiny4f
     out = compile_pruned(src, tmp_path, "r1", start_layer=1, keep_ratios=[1.0, 1.0, 1.0])
+    if layout == "fused":
+        meta = json.loads((out / "llmfold.json").read_text())
+        assert meta["passes"][-1]["records"][0]["attention_layout"] == "fused"
+        ops = {n.op_type for n in __import__("onnx").load(str(out / "model.onnx"), load_external_data=False).graph.node}
+        assert {"GroupQueryAttention", "RotaryEmbedding", "TokenPrune"} <= ops and "Softmax" not in ops
     a, b = session(src), session(out)
     ids = prompt(24)[None]
     mask = np.ones((1, 24), np.int64)
@@ -208,8 +234,11 @@ def test_keep_ratio_one_is_exact(tiny4, tmp_path):
     ],
     ids=["single", "cascade", "column_sum"],
 )
-def test_pruned_prefill_and_decode_match_reference(tiny4, tmp_path, params, plan):
-    _, src, ref = tiny4
+@pytest.mark.parametrize("layout", ["explicit", "fused"])
+def test_pruned_prefill_and_decode_match_reference(tiny4, tiny4f, tmp_path, params, plan, layout):
+    """Kept tokens, logits and per-layer K/V equal the torch reference (true positions), the decode
+    after the pruned prefill too; on the fused layout the explicit-layout pass keeps the same tokens."""
+    _, src, ref = tiny4 if layout == "explicit" else tiny4f
     out = compile_pruned(src, tmp_path, "p", **params)
     sess = session(out)
     T = 30
@@ -233,20 +262,27 @@ def test_pruned_prefill_and_decode_match_reference(tiny4, tmp_path, params, plan
     # the kept tokens keep their original positions: renumbering them would change the logits
     renum, _, _ = ref.forward(ids, np.arange(T), ref.empty_past(), plan, score=score, renumber=True)
     assert np.abs(renum - r_logits).max() > 1e-3
-    # decoding after the pruned prefill: per-layer KV lengths, logical attention_mask
+    if layout == "fused":  # the explicit layout's pass keeps the same tokens and gives the same logits
+        exp_out = compile_pruned(tiny4[1], tmp_path, "explicit", **params)
+        es = session(exp_out)
+        oe = run(es, ids[None], np.ones((1, T), np.int64), empty_past(es))
+        assert oe["kept_token_indices"].tolist() == o["kept_token_indices"].tolist()
+        assert np.abs(oe["logits"] - o["logits"]).max() <= 1e-4
+    # decoding after the pruned prefill prunes nothing: per-layer KV lengths grow by one
     past_ref = r_past
     for j, tok in enumerate([7, 42, 201, 9]):
         o = run(sess, [[tok]], np.ones((1, T + j + 1), np.int64), next_past(o))
         r_logits, past_ref, _ = ref.forward([tok], [T + j], past_ref, plan, score=score)
-        assert o["logits"].shape[1] == 1
+        assert o["logits"].shape[1] == 1 and o["kept_token_indices"].tolist() == [[0]]
         assert np.abs(o["logits"][0] - r_logits).max() <= 1e-4
         for i in range(4):
             assert o[f"present.{i}.key"].shape[2] == past_ref[i][0].shape[1]
 
 
-def test_no_pruning_with_padding_or_past(tiny4, tmp_path):
+@pytest.mark.parametrize("layout", ["explicit", "fused"])
+def test_no_pruning_with_padding_or_past(tiny4, tiny4f, tmp_path, layout):
     """A padded batch, or a chunk after a past (T > 2), prunes nothing: logits equal the unpruned model."""
-    _, src, _ = tiny4
+    _, src, _ = tiny4 if layout == "explicit" else tiny4f
     out = compile_pruned(src, tmp_path, "p", start_layer=1, keep_ratios=[0.5])
     a, b = session(src), session(out)
     from compiler.testing import left_padded_batch
@@ -273,14 +309,7 @@ def test_generate_after_pruned_prefill_equals_reference_greedy(tiny4, tmp_path):
     lm = runtime.open_session(out, threads=1)
     ids = prompt(26, seed=5)
     g = lm.greedy(ids, 6)
-    plan = {1: 0.5}
-    logits, past, _ = ref.forward(ids, np.arange(26), ref.empty_past(), plan)
-    want = []
-    for j in range(6):
-        tok = int(np.argmax(logits[-1]))
-        want.append(tok)
-        logits, past, _ = ref.forward([tok], [26 + j], past, plan)
-    assert g["tokens"] == want
+    assert g["tokens"] == reference_greedy(ref, ids, {1: 0.5}, 6)
     r = runtime.generate(out, "the model reads tokens and writes logits", max_new_tokens=5, threads=1, stream=None)
     assert len(r["tokens"]) >= 1
 
@@ -289,90 +318,6 @@ def test_generate_after_pruned_prefill_equals_reference_greedy(tiny4, tmp_path):
 # the fused layout (one com.microsoft GroupQueryAttention per block): TokenPrune scores from the
 # pruning layer's post-RoPE q/k, RoPE moved into RotaryEmbedding nodes at original positions,
 # per-layer seqlens_k / total_sequence_length
-
-
-@pytest.fixture(scope="module")
-def tiny4f(tiny4):
-    """The same tiny Llama as tiny4 exported with attention="fused"."""
-    from compiler.export import export
-
-    hf, explicit, ref = tiny4
-    return hf, export(str(hf), explicit.parent / "fused", progress=False, attention="fused"), ref
-
-
-def test_fused_keep_ratio_one_is_exact(tiny4f, tmp_path):
-    _, src, _ = tiny4f
-    out = compile_pruned(src, tmp_path, "r1", start_layer=1, keep_ratios=[1.0, 1.0, 1.0])
-    meta = json.loads((out / "llmfold.json").read_text())
-    assert meta["passes"][-1]["records"][0]["attention_layout"] == "fused"
-    a, b = session(src), session(out)
-    ops = {n.op_type for n in __import__("onnx").load(str(out / "model.onnx"), load_external_data=False).graph.node}
-    assert {"GroupQueryAttention", "RotaryEmbedding", "TokenPrune"} <= ops and "Softmax" not in ops
-    ids = prompt(24)[None]
-    mask = np.ones((1, 24), np.int64)
-    oa, ob = run(a, ids, mask, empty_past(a)), run(b, ids, mask, empty_past(b))
-    assert ob["logits"].shape == oa["logits"].shape
-    assert np.abs(ob["logits"][0, -1] - oa["logits"][0, -1]).max() <= 1e-5
-    assert np.abs(ob["logits"] - oa["logits"]).max() <= 1e-5
-    assert ob["kept_token_indices"].tolist() == [list(range(24))]
-    for j, tok in enumerate([5, 77, 123]):
-        mask = np.ones((1, 25 + j), np.int64)
-        oa = run(a, [[tok]], mask, next_past(oa))
-        ob = run(b, [[tok]], mask, next_past(ob))
-        assert np.abs(ob["logits"] - oa["logits"]).max() <= 1e-5
-        for i in range(4):
-            assert ob[f"present.{i}.key"].shape == oa[f"present.{i}.key"].shape
-
-
-@pytest.mark.parametrize(
-    "params,plan",
-    [
-        (dict(start_layer=2, keep_ratios=[0.6]), {1: 0.6}),
-        (dict(start_layer=1, prune_ratio=0.5, cascade_layers=3), {0: 0.5 ** (1 / 3), 1: 0.5 ** (1 / 3), 2: 0.5 ** (1 / 3)}),
-        (dict(start_layer=1, keep_ratios=[0.8, 0.7], score="column_sum"), {0: 0.8, 1: 0.7}),
-    ],
-    ids=["single", "cascade", "column_sum"],
-)
-def test_fused_pruned_prefill_and_decode_match_reference(tiny4, tiny4f, tmp_path, params, plan):
-    """Fused layout: the kept tokens, logits and per-layer K/V equal the torch reference (true positions),
-    the decode after the pruned prefill too, and the explicit-layout pass keeps the same tokens."""
-    _, src, ref = tiny4f
-    out = compile_pruned(src, tmp_path, "p", **params)
-    sess = session(out)
-    T = 30
-    ids = prompt(T, seed=1)
-    o = run(sess, ids[None], np.ones((1, T), np.int64), empty_past(sess))
-    score = params.get("score", "first_token")
-    r_logits, r_past, r_kept = ref.forward(ids, np.arange(T), ref.empty_past(), plan, score=score)
-    kept = o["kept_token_indices"][0]
-    assert kept.tolist() == r_kept.tolist()
-    assert kept[0] == 0 and kept[-1] == T - 1 and len(kept) < T
-    assert np.abs(o["logits"][0] - r_logits).max() <= 1e-4
-    first = min(plan) + 1
-    for i in range(4):
-        length = o[f"present.{i}.key"].shape[2]
-        assert length == r_past[i][0].shape[1]
-        assert (length == T) if i < first else (length < T)
-        assert np.abs(o[f"present.{i}.key"][0] - r_past[i][0].numpy()).max() <= 1e-4
-        assert np.abs(o[f"present.{i}.value"][0] - r_past[i][1].numpy()).max() <= 1e-4
-    # original positions: renumbering the kept tokens would change the logits
-    renum, _, _ = ref.forward(ids, np.arange(T), ref.empty_past(), plan, score=score, renumber=True)
-    assert np.abs(renum - r_logits).max() > 1e-3
-    # the explicit layout's pass keeps the same tokens and gives the same logits
-    exp_out = compile_pruned(tiny4[1], tmp_path, "explicit", **params)
-    es = session(exp_out)
-    oe = run(es, ids[None], np.ones((1, T), np.int64), empty_past(es))
-    assert oe["kept_token_indices"].tolist() == o["kept_token_indices"].tolist()
-    assert np.abs(oe["logits"] - o["logits"]).max() <= 1e-4
-    # decode steps prune nothing; per-layer KV lengths grow by one
-    past_ref = r_past
-    for j, tok in enumerate([7, 42, 201]):
-        o = run(sess, [[tok]], np.ones((1, T + j + 1), np.int64), next_past(o))
-        r_logits, past_ref, _ = ref.forward([tok], [T + j], past_ref, plan, score=score)
-        assert o["logits"].shape[1] == 1 and o["kept_token_indices"].tolist() == [[0]]
-        assert np.abs(o["logits"][0] - r_logits).max() <= 1e-4
-        for i in range(4):
-            assert o[f"present.{i}.key"].shape[2] == past_ref[i][0].shape[1]
 
 
 def test_fused_decode_through_runtime(tiny4f, tmp_path):
@@ -391,33 +336,7 @@ def test_fused_decode_through_runtime(tiny4f, tmp_path):
     _, past = runner._run(np.array([[9]], np.int64), runtime.next_attention_mask(mask, 1, lm.kv_cache), past, 26)
     assert runner.kv_lengths(past) == [27, 27, 14, 14]
     g = lm.greedy(ids, 6)
-    plan = {1: 0.5}
-    logits, rpast, _ = ref.forward(ids, np.arange(26), ref.empty_past(), plan)
-    want = []
-    for j in range(6):
-        tok = int(np.argmax(logits[-1]))
-        want.append(tok)
-        logits, rpast, _ = ref.forward([tok], [26 + j], rpast, plan)
-    assert g["tokens"] == want
-
-
-def test_fused_no_pruning_with_padding_or_past(tiny4f, tmp_path):
-    _, src, _ = tiny4f
-    out = compile_pruned(src, tmp_path, "p", start_layer=1, keep_ratios=[0.5])
-    a, b = session(src), session(out)
-    from compiler.testing import left_padded_batch
-
-    ids, mask = left_padded_batch([prompt(12, 2).tolist(), prompt(9, 3).tolist()], pad_id=0)
-    oa, ob = run(a, ids, mask, empty_past(a, 2)), run(b, ids, mask, empty_past(b, 2))
-    assert ob["logits"].shape == oa["logits"].shape
-    valid = mask.astype(bool)
-    assert np.abs(ob["logits"][valid] - oa["logits"][valid]).max() <= 1e-5
-    ids = prompt(20, 4)[None]
-    ob = run(b, ids[:, :12], np.ones((1, 12), np.int64), empty_past(b))
-    assert ob["logits"].shape[1] == 6
-    ob2 = run(b, ids[:, 12:], np.ones((1, 20), np.int64), next_past(ob))
-    assert ob2["logits"].shape[1] == 8
-    assert ob2["present.0.key"].shape[2] == 20 and ob2["present.3.key"].shape[2] == 6 + 8
+    assert g["tokens"] == reference_greedy(ref, ids, {1: 0.5}, 6)
 
 
 # --------------------------------------------------------------------------------------------
