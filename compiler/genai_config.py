@@ -6,8 +6,11 @@ it runs in onnxruntime-genai's generator as is (`og.Model(dir)`), custom ops inc
 
 * model type `llama`, context length / vocab / bos / eos / head counts from llmfold.json's config
   block (generation_config.json's eos ids win, as in genai's own builder);
-* `search.past_present_share_buffer = false`: our graph concatenates past and new keys (present
-  grows by one row per step); genai's shared buffer needs a static max-length cache;
+* `search.past_present_share_buffer`: true when every layer's attention is ORT's
+  GroupQueryAttention and the cache is uniform (:func:`shares_kv_buffer`): genai then allocates one
+  max-length cache per layer and GQA writes each step's row in place (seqlens_k and
+  total_sequence_length come from the attention mask, whose length stays the real token count);
+  false for the explicit-attention layout, whose graph concatenates past and new keys;
 * when the graph has nodes in the `llmfold` domain, `session_options.custom_ops_library` names the
   op library. onnxruntime-genai only loads a library that lies inside the model folder (it refuses
   `..` and paths outside "an allowed directory"), so the library is copied into the directory as
@@ -143,13 +146,24 @@ def genai_config_dict(
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": shares_kv_buffer(meta),
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
             "top_p": 1.0,
         },
     }
+
+
+def shares_kv_buffer(meta: dict) -> bool:
+    """Whether decoding may keep one max-length KV buffer per layer, bound as both past and
+    present (every block's attention is GroupQueryAttention, cache uniform)."""
+    blocks = (meta.get("structure") or {}).get("blocks") or []
+    return (
+        meta.get("kv_cache", "uniform") == "uniform"
+        and bool(blocks)
+        and all(b.get("attention_kind") == "GroupQueryAttention" for b in blocks)
+    )
 
 
 def supports_genai(meta: dict) -> bool:
@@ -212,4 +226,4 @@ def write_genai_config(model_dir, library=None) -> Path | None:
     return target
 
 
-__all__ = ["genai_config_dict", "genai_files", "write_genai_config", "supports_genai", "GENAI_CONFIG"]
+__all__ = ["genai_config_dict", "genai_files", "write_genai_config", "supports_genai", "shares_kv_buffer", "GENAI_CONFIG"]

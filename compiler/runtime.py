@@ -234,8 +234,29 @@ class LanguageModel:
             hf = _genai_as_hf_config(Path(self.dir.path) / "genai_config.json")
         self.hf_config = hf
         self.layout = KVLayout.from_session(self.session, kv_dims(self.config, hf))
+        self.shared_kv = self._supports_shared_kv()
         self._tokenizer = None
         self.max_positions = int(self.config.get("max_position_embeddings") or hf.get("max_position_embeddings") or 1 << 30)
+
+    def _supports_shared_kv(self) -> bool:
+        """Whether decoding may write each step's keys/values in place into one max-length buffer
+        per layer (ORT's GroupQueryAttention with past and present bound to the same memory).
+
+        True when every layer's attention is GroupQueryAttention and all layers keep the same
+        cache length: llmfold.json's structure says so, or onnxruntime-genai's genai_config.json
+        of a foreign folder asks for `past_present_share_buffer`. A token-pruned model keeps
+        per-layer caches and decodes with the growing (copying) cache."""
+        from compiler.genai_config import shares_kv_buffer
+
+        if self.meta:
+            return shares_kv_buffer(self.meta)
+        genai = Path(self.dir.path) / "genai_config.json"
+        if genai.is_file():
+            try:
+                return bool(json.loads(genai.read_text())["search"]["past_present_share_buffer"])
+            except (OSError, json.JSONDecodeError, KeyError, TypeError):
+                return False
+        return False
 
     @property
     def tokenizer(self):
@@ -306,17 +327,52 @@ class LanguageModel:
             new_past[v] = outs[2 + 2 * i]
         return logits, new_past
 
+    def _shared_kv_buffers(self, present: dict, capacity: int) -> dict:
+        """One [1, kv_heads, capacity, head_dim] OrtValue per past input, holding the prefill's
+        present in its first rows (the rest zero: GQA reads only the first seqlens_k + 1 rows)."""
+        import onnxruntime as ort
+
+        buffers = {}
+        for i, pair in enumerate(self.layout.past):
+            for name in pair:
+                rows = present[name].numpy()
+                buf = np.zeros((1, self.layout.kv_heads[i], capacity, self.layout.head_dim[i]), self.layout.dtype)
+                buf[:, :, : rows.shape[2]] = rows
+                buffers[name] = ort.OrtValue.ortvalue_from_numpy(buf)
+        return buffers
+
+    def _run_shared(self, tok: int, mask: np.ndarray, buffers: dict, position: int, logits_out) -> np.ndarray:
+        """One decode step writing the new keys/values in place (present bound to the past buffer)."""
+        b = self.session.io_binding()
+        for name, arr in self.feeds(np.array([[tok]], np.int64), mask, past={}, position_start=position).items():
+            b.bind_cpu_input(name, np.ascontiguousarray(arr))
+        for name, buf in buffers.items():
+            b.bind_ortvalue_input(name, buf)
+        b.bind_ortvalue_output("logits", logits_out)
+        for (pk, pv), (ok, ov) in zip(self.layout.past, self.layout.present):
+            b.bind_ortvalue_output(ok, buffers[pk])
+            b.bind_ortvalue_output(ov, buffers[pv])
+        self.session.run_with_iobinding(b)
+        return logits_out.numpy()[0, -1]
+
     def greedy(
         self,
         prompt_ids: np.ndarray,
         max_new_tokens: int,
         eos_ids: set[int] | None = None,
         on_token: Callable[[int], None] | None = None,
+        keep_logits: bool = False,
     ) -> dict:
         """Greedy decoding with the KV cache: prefill the prompt, then one token per step.
 
+        When `self.shared_kv` (see `_supports_shared_kv`), the prefill's cache is copied once into
+        buffers sized for the whole generation and every step appends its row in place, as
+        onnxruntime-genai's `past_present_share_buffer` does; otherwise each step's present (past
+        + one row) becomes the next past. Both give the same logits.
+
         Returns {"tokens": generated ids (eos included when hit), "prefill_s", "step_s": [seconds
-        of each decode step], "stopped_at_eos"}. Timing covers the ORT call and argmax only."""
+        of each decode step], "stopped_at_eos"} (+ "logits": the [V] logits behind each token
+        when `keep_logits`). Timing covers the ORT call and argmax only."""
         import onnxruntime as ort
 
         prompt_ids = np.asarray(prompt_ids, np.int64).reshape(1, -1)
@@ -328,22 +384,35 @@ class LanguageModel:
         tok = int(np.argmax(logits))
         prefill_s = time.perf_counter() - t0
         tokens, steps = [tok], []
+        kept = [logits.copy()] if keep_logits else None
         seen = prompt_ids.shape[1]
         stopped = tok in eos_ids
         if on_token:
             on_token(tok)
+        shared = self.shared_kv and not stopped and max_new_tokens > 1
+        if shared:
+            past = self._shared_kv_buffers(past, seen + max_new_tokens)
+            logits_out = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, logits.shape[-1]), np.float32))
         while not stopped and len(tokens) < max_new_tokens:
             t0 = time.perf_counter()
             mask = next_attention_mask(mask, 1, self.kv_cache)
-            logits, past = self._run_ortvalues(np.array([[tok]], np.int64), mask, past, seen)
+            if shared:
+                logits = self._run_shared(tok, mask, past, seen, logits_out)
+            else:
+                logits, past = self._run_ortvalues(np.array([[tok]], np.int64), mask, past, seen)
             tok = int(np.argmax(logits))
             steps.append(time.perf_counter() - t0)
+            if keep_logits:
+                kept.append(logits.copy())
             seen += 1
             tokens.append(tok)
             stopped = tok in eos_ids
             if on_token:
                 on_token(tok)
-        return {"tokens": tokens, "prefill_s": prefill_s, "step_s": steps, "stopped_at_eos": stopped}
+        out = {"tokens": tokens, "prefill_s": prefill_s, "step_s": steps, "stopped_at_eos": stopped}
+        if keep_logits:
+            out["logits"] = np.stack(kept)
+        return out
 
 
 def open_session(model_dir, threads: int | None = None) -> LanguageModel:

@@ -59,10 +59,10 @@ def check_same_tokens(model_dir: Path) -> list[int]:
     return theirs
 
 
-def test_genai_config_fp32(tiny_model_dir, tmp_path):
+def test_genai_config_fp32(tiny_layout_dir, tmp_path):
     from compiler.genai_config import write_genai_config
 
-    d = _copy(tiny_model_dir, tmp_path / "fp32")
+    d = _copy(tiny_layout_dir, tmp_path / "fp32")
     path = write_genai_config(d)
     cfg = json.loads(path.read_text())
     meta = json.loads((d / "llmfold.json").read_text())["config"]
@@ -77,7 +77,8 @@ def test_genai_config_fp32(tiny_model_dir, tmp_path):
     assert dec["outputs"]["present_value_names"] == "present.%d.value"
     assert "custom_ops_library" not in dec["session_options"]  # plain ONNX ops only
     assert not (d / "libllmfold_ops.so").exists()
-    assert cfg["search"]["past_present_share_buffer"] is False
+    # GroupQueryAttention writes each step's row into genai's max-length buffer in place
+    assert cfg["search"]["past_present_share_buffer"] is (json.loads((d / "llmfold.json").read_text())["attention"] == "fused")
     check_same_tokens(d)
 
 

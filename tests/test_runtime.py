@@ -136,6 +136,21 @@ def test_cached_decoding_equals_full_recompute(tiny_model_dir):
     assert len(g["step_s"]) == len(g["tokens"]) - 1
 
 
+def test_shared_kv_buffer_decoding_equals_growing_cache(tiny_layout_dir):
+    """GroupQueryAttention models decode with one in-place KV buffer per layer (present bound to
+    past); the logits of every step equal those of the loop that feeds each present back as the
+    next past. The explicit-attention layout keeps the growing cache."""
+    lm = runtime.open_session(tiny_layout_dir, threads=1)
+    fused = json.loads((tiny_layout_dir / "llmfold.json").read_text())["attention"] == "fused"
+    assert lm.shared_kv is fused
+    prompt = lm.encode("The cache keeps keys and values")
+    a = lm.greedy(prompt, 10, keep_logits=True)
+    lm.shared_kv = False
+    b = lm.greedy(prompt, 10, keep_logits=True)
+    assert a["tokens"] == b["tokens"] and a["logits"].shape == (10, lm.config["vocab_size"])
+    np.testing.assert_allclose(a["logits"], b["logits"], rtol=0, atol=1e-6)
+
+
 def test_generate_stops_at_eos(tiny_model_dir, monkeypatch):
     lm = runtime.open_session(tiny_model_dir, threads=1)
     prompt = lm.encode("Readability counts.")
