@@ -453,8 +453,8 @@ class _Analysis:
             return None
         if packed:
             src = _trace_back_to(inputs[0], by_output, {id(h)})
-            if len(src) != 1 or src[0].kind != "dense" or num_heads is None:
-                self.unrecognized.append(f"{p}: packed QKV input of {node.name} does not come from one dense MatMul")
+            if len(src) != 1 or src[0].kind == "low-rank" or num_heads is None:
+                self.unrecognized.append(f"{p}: packed QKV input of {node.name} does not come from one linear layer")
                 return None
             qkv = src[0]
             total_heads = num_heads + 2 * kv_heads

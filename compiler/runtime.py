@@ -341,18 +341,23 @@ class LanguageModel:
                 buffers[name] = ort.OrtValue.ortvalue_from_numpy(buf)
         return buffers
 
-    def _run_shared(self, tok: int, mask: np.ndarray, buffers: dict, position: int, logits_out) -> np.ndarray:
-        """One decode step writing the new keys/values in place (present bound to the past buffer)."""
+    def _shared_binding(self, buffers: dict, logits_out):
+        """An IOBinding with every past bound to its buffer and every present to the same memory;
+        each step only rebinds the token, mask and position inputs."""
         b = self.session.io_binding()
-        for name, arr in self.feeds(np.array([[tok]], np.int64), mask, past={}, position_start=position).items():
-            b.bind_cpu_input(name, np.ascontiguousarray(arr))
         for name, buf in buffers.items():
             b.bind_ortvalue_input(name, buf)
         b.bind_ortvalue_output("logits", logits_out)
         for (pk, pv), (ok, ov) in zip(self.layout.past, self.layout.present):
             b.bind_ortvalue_output(ok, buffers[pk])
             b.bind_ortvalue_output(ov, buffers[pv])
-        self.session.run_with_iobinding(b)
+        return b
+
+    def _run_shared(self, binding, tok: int, mask: np.ndarray, position: int, logits_out) -> np.ndarray:
+        """One decode step writing the new keys/values in place (present bound to the past buffer)."""
+        for name, arr in self.feeds(np.array([[tok]], np.int64), mask, past={}, position_start=position).items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+        self.session.run_with_iobinding(binding)
         return logits_out.numpy()[0, -1]
 
     def greedy(
@@ -393,11 +398,12 @@ class LanguageModel:
         if shared:
             past = self._shared_kv_buffers(past, seen + max_new_tokens)
             logits_out = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, logits.shape[-1]), np.float32))
+            binding = self._shared_binding(past, logits_out)
         while not stopped and len(tokens) < max_new_tokens:
             t0 = time.perf_counter()
             mask = next_attention_mask(mask, 1, self.kv_cache)
             if shared:
-                logits = self._run_shared(tok, mask, past, seen, logits_out)
+                logits = self._run_shared(binding, tok, mask, seen, logits_out)
             else:
                 logits, past = self._run_ortvalues(np.array([[tok]], np.int64), mask, past, seen)
             tok = int(np.argmax(logits))

@@ -6,6 +6,7 @@
     affine       AffineQuant learned affine transforms folded into the weights
     rotate       residual-stream randomized Hadamard rotation
     token_prune  Agile-Quant token pruning in the prefill
+    pack_qkv     one q/k/v linear per block for GroupQueryAttention's packed input (run last)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import importlib
 
 from passes.base import REGISTRY, CompilerPass, make_params, register_pass
 
-for _module in ("cleanup", "int4", "svd", "affine", "rotate", "token_prune"):
+for _module in ("cleanup", "int4", "svd", "affine", "rotate", "token_prune", "pack"):
     try:
         importlib.import_module(f"passes.{_module}")
     except ModuleNotFoundError as e:  # a method not written yet is simply not registered

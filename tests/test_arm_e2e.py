@@ -110,15 +110,20 @@ def test_aarch64_mobile_ort_model(samples, tiny_models, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_w4a8_decode_on_aarch64(samples, smollm2_dir, tmp_path_factory):
-    """SmolLM2-135M, int4 RTN weights with zero points and per-token int8 activations (no smoothing):
-    the prompt's prefill logits agree within the integer-exact tolerance and the greedy decode gives
-    the same tokens on x86-64 and on both emulated ARM cores.
+    """SmolLM2-135M, int4 RTN weights with zero points and per-token int8 activations (no smoothing,
+    tests/sample_helpers.py's "w4a8"): the greedy decode
+    gives the same tokens on x86-64 and on both emulated ARM cores, and the prompt's logits stay
+    within 15 % of the largest logit.
 
-    Decode-step logits are printed, not bounded: this model is ill-conditioned under per-token int8
-    (massive activations set each token's scale), so a last-ulp difference of a float epilogue can
-    move one activation across a rounding boundary and change later logits by O(1) — measured on
-    x86 alone, LLMFOLD_KERNELS=ref vs avx2 (both exact in integers, bit-identical per op at M=1,2)
-    differ by up to 2.3 (of max |logit| 28) at some positions; ARM paths show the same spread."""
+    Why not the integer-exact tolerance of the tiny models: this model is ill-conditioned under
+    per-token int8 (massive activations set each token's scale), so a last-ulp difference before
+    a quantizer moves an activation across a rounding boundary and changes later logits by O(1) —
+    measured on x86 alone, LLMFOLD_KERNELS=ref vs avx2 (both exact in integers, bit-identical per
+    op at M=1,2) differ by up to 2.3 (of max |logit| 28) at some positions. The float ops before
+    the first quantizer are such a source across ISAs: since the export's RMSNorm is ORT's float
+    RMSNormalization (no longer a float64 chain), x86 and aarch64 builds round differently in the
+    last ulp (the fp32 model's prefill logits agree within 5e-5), and the w4a8 prefill differs by
+    up to 2.2 (-cpu max) and 2.6 (cortex-a72) of max |logit| 28.5. Decode steps are printed."""
     if importlib.util.find_spec("passes.int4") is None:
         pytest.skip("passes/int4.py is not there yet")
     model = compile_recipe(smollm2_dir, tmp_path_factory.mktemp("smollm2_arm"), "w4a8")
@@ -130,10 +135,9 @@ def test_smollm2_w4a8_decode_on_aarch64(samples, smollm2_dir, tmp_path_factory):
         got = run_sample(samples["aarch64"], model, prompt, new, decode_ids=ref.tokens[:-1], cpu=cpu,
                          libdir=ORT_AARCH64, timeout=1800)  # fmt: skip
         d = np.abs(got.logits.astype(np.float64) - ref.logits).max(axis=1)
-        tol = _tolerance("w4a8", ref.logits[:P])
         print(f"\n[SmolLM2 w4a8 on -cpu {cpu}] path {got.kernel_path} (x86 {ref.kernel_path}): tokens {got.tokens} "
-              f"(x86 {ref.tokens}); prefill max |Δlogit| {d[:P].max():.3g} (tol {tol:.3g}); decode steps "
+              f"(x86 {ref.tokens}); prefill max |Δlogit| {d[:P].max():.3g} (max |logit| {np.abs(ref.logits[:P]).max():.3g}); decode steps "
               f"max |Δlogit| {np.round(d[P:], 3).tolist()}")  # fmt: skip
         assert got.kernel_path == CPUS[cpu]
         assert got.tokens == ref.tokens
-        assert d[:P].max() <= tol
+        assert d[:P].max() <= 0.15 * float(np.abs(ref.logits[:P]).max())

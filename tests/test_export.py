@@ -127,9 +127,11 @@ def test_fused_layout_is_one_group_query_attention_per_block(tiny_fused_dir, tin
     onnx.checker.check_model(str(path))
     model = ir.load(path)
     explicit = ir.load(Path(tiny_explicit_dir) / "model.onnx")
-    assert model.opset_imports == {"": 21, "com.microsoft": 1}
+    assert model.opset_imports == {"": 23, "com.microsoft": 1}
     ops = [n.op_type for n in model.graph]
     assert "Softmax" not in ops and "Split" not in ops and "Concat" not in ops
+    # every RMSNorm is one RMSNormalization node (2 per block + the final norm)
+    assert ops.count("RMSNormalization") == 2 * 2 + 1 and "ReduceMean" not in ops and "Sqrt" not in ops
     assert len(list(model.graph)) < len(list(explicit.graph))
     gqa = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
     assert [n.name for n in gqa] == [f"/model/layers.{i}/attn/GroupQueryAttention" for i in range(2)]
@@ -347,7 +349,17 @@ def test_failure_during_write_leaves_nothing(tiny_hf_dir, tmp_path, monkeypatch)
 
 @pytest.mark.slow
 def test_smollm2_logits_match_transformers(smollm2_dir):
-    """SmolLM2-135M (GGUF dequantized to fp32): prefill 64 + 16 decode steps within 1e-4."""
+    """SmolLM2-135M (GGUF dequantized to fp32): prefill 64 + 16 decode steps, two random prompts.
+
+    On this model 1e-4 is fp32's own noise floor: transformers in float32 is 5.5–8.2e-5 (max abs,
+    seeds 0–3) away from the same model run in float64, because its massive-activation channels
+    (residual values in the hundreds) make every reordering of a float32 sum visible. So the
+    export is checked against both: within 2e-4 of transformers fp32 and no further from the
+    float64 result than 2.5× transformers fp32 itself is (measured, seeds 0–3: 0.68–1.19e-4 and
+    0.92–1.82×; the float64 RMSNorm chain that the explicit layout keeps gave 0.63–1.52e-4 and
+    0.74–2.74× in the fused layout)."""
+    import copy
+
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -355,8 +367,23 @@ def test_smollm2_logits_match_transformers(smollm2_dir):
 
     gguf = alias_path("smollm2-135m")
     hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
-    prefill, decode, presents = _compare(hf, Path(smollm2_dir) / "model.onnx", [64], decode_steps=16, seed=1)
-    assert prefill <= TOL and decode <= TOL, (prefill, decode)
+    hf64 = copy.deepcopy(hf).double()
+    session = onnx_session(Path(smollm2_dir) / "model.onnx")
+    V = hf.config.vocab_size
+
+    def maxdiff(a, b):
+        return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
+
+    for seed in (0, 1):
+        rng = np.random.default_rng(seed)
+        ids, mask = left_padded_batch([list(rng.integers(3, V, 64))], 0)
+        decode_ids = rng.integers(3, V, (1, 16)).astype(np.int64)
+        ref32 = hf_reference_logits(hf, ids, mask, decode_ids)
+        ref64 = hf_reference_logits(hf64, ids, mask, decode_ids)
+        got, presents = onnx_prefill_decode_logits(session, ids, mask, decode_ids)
+        floor = maxdiff(ref32, ref64)
+        assert maxdiff(got, ref32) <= 2e-4, (seed, maxdiff(got, ref32))
+        assert maxdiff(got, ref64) <= 2.5 * floor, (seed, maxdiff(got, ref64), floor)
     assert presents["present.29.key"].shape == (1, 3, 80, 64)
     meta = json.loads((Path(smollm2_dir) / "llmfold.json").read_text())
     s = meta["structure"]

@@ -1,0 +1,159 @@
+"""Pack each block's q/k/v linears into one linear feeding GroupQueryAttention's packed input.
+
+With the fused attention layout, q = X·W_q, k = X·W_k, v = X·W_v read the same X and go only to
+one com.microsoft.GroupQueryAttention node. One linear with W = [W_q | W_k | W_v] (columns
+concatenated) computes [q | k | v] = X·W, and GroupQueryAttention given that as its `query`
+input with `key`/`value` absent splits it back by its definition: columns [0, H·d), [H·d,
+(H+KV)·d), [(H+KV)·d, (H+2KV)·d). The pass is exact: every output column is the same dot product
+of the same row of X with the same weight column as before (bit-identical logits):
+
+* dense: MatMul weights are concatenated along N;
+* int4: llmfold.QMatMul weights are stored per 16-column tile (custom_ops/README.md: data
+  [n_tiles][Kp/8][64], scales and zero points [n_tiles][n_blocks][16]), so concatenating the
+  three flat arrays is the packed form of the concatenated matrix as long as q's and k's widths
+  are whole tiles (N % 16 == 0); the per-token activation quantization (act_bits 8/4) depends on
+  X's row only, and TRIP channel shifts must be identical (they are: the int4 pass chooses them
+  from the shared input's statistics).
+
+Why: a decode step is many small launches; two fewer per block (and one wider matrix for the
+thread pool to split) is what onnxruntime-genai's own models do.
+
+Skipped, with the reason recorded: q/k/v that are low-rank pairs or of different kinds or
+quantization settings, a q/k feeding anything but the attention node (e.g. token pruning's
+RotaryEmbedding), widths that are not whole tiles. Run it last: the layer map then records
+q/k/v as column ranges of one weight, which the other passes do not rewrite.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from compiler.analyze import const_array
+from passes.base import CompilerPass, register_pass
+
+TILE_N = 16
+QMATMUL_INPUTS = ("qweight", "scales", "zero_points", "bias", "channel_shift")
+
+
+def _initializer(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
+    if name in graph.initializers:
+        raise ValueError(f"pack_qkv: initializer {name} already exists")
+    arr = np.ascontiguousarray(arr)
+    tensor = ir.Tensor(arr, name=name)
+    v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(v)
+    return v
+
+
+def _const_inputs(node: ir.Node, first: int = 1) -> list[np.ndarray | None] | None:
+    """Constant arrays of inputs first.. (None for absent ones); None when one is not constant."""
+    out = []
+    for v in list(node.inputs)[first:]:
+        if v is None or not v.name:
+            out.append(None)
+            continue
+        arr = const_array(v)
+        if arr is None:
+            return None
+        out.append(arr)
+    return out
+
+
+def _why_not(nodes: list[ir.Node], attention: ir.Node) -> str | None:
+    """None when the three nodes can be packed, else the reason."""
+    x = nodes[0].inputs[0]
+    kinds = {(n.domain, n.op_type) for n in nodes}
+    if len(kinds) != 1 or kinds.pop() not in {("", "MatMul"), ("llmfold", "QMatMul")}:
+        return "q/k/v are not all plain MatMuls or all QMatMuls"
+    for n in nodes:
+        if n.inputs[0] is not x:
+            return "q/k/v do not read the same input"
+        uses = list(n.outputs[0].uses())
+        if len(uses) != 1 or uses[0].node is not attention or n.outputs[0].is_graph_output():
+            return f"{n.name}'s output is read by more than the attention node"
+        if _const_inputs(n) is None:
+            return f"{n.name} has a non-constant weight"
+    if nodes[0].op_type == "QMatMul":
+        attrs = [{k: a.value for k, a in n.attributes.items() if k != "N"} for n in nodes]
+        if any(a != attrs[0] for a in attrs[1:]):
+            return "q/k/v have different QMatMul attributes"
+        consts = [_const_inputs(n) + [None] * (len(QMATMUL_INPUTS) - len(n.inputs) + 1) for n in nodes]
+        present = [[c is not None for c in cs] for cs in consts]
+        if any(p != present[0] for p in present[1:]):
+            return "q/k/v have different optional inputs"
+        shifts = [cs[4] for cs in consts]
+        if shifts[0] is not None and any(not np.array_equal(s, shifts[0]) for s in shifts[1:]):
+            return "q/k/v have different channel shifts"
+        for n in nodes[:2]:
+            if n.attributes.get_int("N") % TILE_N:
+                return f"{n.name}'s width is not a multiple of {TILE_N} columns"
+    return None
+
+
+def _packed_node(graph: ir.Graph, nodes: list[ir.Node], index: int) -> ir.Node:
+    x = nodes[0].inputs[0]
+    base, node_base = f"model.layers.{index}.self_attn.qkv_proj", f"/model/layers.{index}/attn/qkv_proj"
+    if nodes[0].op_type == "MatMul":
+        W = np.concatenate([_const_inputs(n)[0] for n in nodes], axis=1)
+        return ir.Node("", "MatMul", [x, _initializer(graph, f"{base}.weight", W)], name=f"{node_base}/MatMul")
+    consts = [_const_inputs(n) + [None] * (len(QMATMUL_INPUTS) - len(n.inputs) + 1) for n in nodes]
+    inputs: list[ir.Value | None] = [x]
+    for j, suffix in enumerate(QMATMUL_INPUTS):
+        arrays = [cs[j] for cs in consts]
+        if arrays[0] is None:
+            inputs.append(None)
+        elif suffix == "channel_shift":
+            inputs.append(_initializer(graph, f"{base}.{suffix}", arrays[0]))
+        else:  # tile-major flat arrays (and bias [N]) concatenate along N
+            inputs.append(_initializer(graph, f"{base}.{suffix}", np.concatenate([a.reshape(-1) for a in arrays])))
+    while inputs[-1] is None:
+        inputs.pop()
+    N = sum(n.attributes.get_int("N") for n in nodes)
+    attrs = [ir.AttrInt64("N", N)] + [a for k, a in nodes[0].attributes.items() if k != "N"]
+    return ir.Node("llmfold", "QMatMul", inputs, attributes=attrs, name=f"{node_base}/QMatMul")
+
+
+@register_pass
+class PackQKVPass(CompilerPass):
+    name = "pack_qkv"
+    description = "one q/k/v linear per block feeding GroupQueryAttention's packed input (exact)"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        structure = self.ctx.structure(model)
+        graph = model.graph
+        by_name = {n.name: n for n in graph}
+        packed, skipped = 0, {}
+        for b in structure.blocks:
+            if b.attention_kind != "GroupQueryAttention":
+                skipped[b.index] = "attention is not GroupQueryAttention"
+                continue
+            attention = by_name[b.attention]
+            qkv = [by_name.get(lin.node) for lin in (b.q, b.k, b.v)]
+            if any(n is None for n in qkv) or len({id(n) for n in qkv}) != 3:
+                skipped[b.index] = "q/k/v are already one node or not single nodes"
+                continue
+            if any(len(lin.nodes) != 1 for lin in (b.q, b.k, b.v)):
+                skipped[b.index] = "q/k/v are low-rank pairs"
+                continue
+            ins = list(attention.inputs)
+            if [ins[j] for j in range(3)] != [n.outputs[0] for n in qkv]:
+                skipped[b.index] = "the attention node does not read q/k/v directly"
+                continue
+            reason = _why_not(qkv, attention)
+            if reason:
+                skipped[b.index] = reason
+                continue
+            node = _packed_node(graph, qkv, b.index)
+            graph.insert_before(qkv[0], node)
+            attention.replace_input_with(0, node.outputs[0])
+            attention.replace_input_with(1, None)
+            attention.replace_input_with(2, None)
+            for n in qkv:
+                graph.remove(n, safe=True)
+            packed += 1
+        for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+            graph.initializers.pop(name)
+        self.ctx.record(packed_blocks=packed, skipped={str(k): v for k, v in sorted(skipped.items())})
+        self.ctx.log(f"packed q/k/v of {packed} of {len(structure.blocks)} blocks" + (f"; skipped {len(skipped)} ({next(iter(skipped.values()))})" if skipped else ""))
+        return ir.passes.PassResult(model, packed > 0)
