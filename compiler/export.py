@@ -89,6 +89,9 @@ FLOAT32_MIN = float(np.finfo(np.float32).min)
 INT64_MAX = int(np.iinfo(np.int64).max)
 ATTENTION_LAYOUTS = ("fused", "explicit")
 DEFAULT_ATTENTION = "fused"
+# llmfold.json "graph_version": bumped when the exported graph's form changes (2: RMSNormalization
+# in the fused layout), so cached exports (make demo) are rebuilt
+GRAPH_VERSION = 2
 # names in the fused layout (other passes and tools look them up)
 GQA_COS_CACHE = "model.rotary_emb.cos_cache"  # [max_pos, head_dim/2]
 GQA_SIN_CACHE = "model.rotary_emb.sin_cache"
@@ -466,6 +469,7 @@ def export(source: str, out_dir, progress: bool = True, attention: str = DEFAULT
                 "eos_token_id": dims.eos_token_id,
             },
             "attention": attention,
+            "graph_version": GRAPH_VERSION,
             "structure": structure.to_json(),
             "passes": [],
             "custom_ops_library": None,

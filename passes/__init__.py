@@ -7,6 +7,7 @@
     rotate       residual-stream randomized Hadamard rotation
     token_prune  Agile-Quant token pruning in the prefill
     pack_qkv     one q/k/v linear per block for GroupQueryAttention's packed input (run last)
+    silu_op      SiLU as one QuickGelu node (approximate; for quantized recipes, run last)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import importlib
 
 from passes.base import REGISTRY, CompilerPass, make_params, register_pass
 
-for _module in ("cleanup", "int4", "svd", "affine", "rotate", "token_prune", "pack"):
+for _module in ("cleanup", "int4", "svd", "affine", "rotate", "token_prune", "pack", "silu"):
     try:
         importlib.import_module(f"passes.{_module}")
     except ModuleNotFoundError as e:  # a method not written yet is simply not registered

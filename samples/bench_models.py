@@ -90,7 +90,7 @@ def build_ours_fp32(source: str, root: Path, rebuild: bool, attention: str | Non
 
     attention = attention or DEFAULT_ATTENTION
     out = root / "ours-fp32"
-    key = _digest("export", source) if attention == "explicit" else _digest("export", source, attention)
+    key = _digest("export", source, attention, (REPO / "compiler" / "export.py").read_bytes())
     if rebuild or not _stamp_ok(out, key):
         shutil.rmtree(out, ignore_errors=True)
         log(f"exporting {source} ({attention} attention) -> {out}")
@@ -105,7 +105,8 @@ def build_ours_recipe(fp32_dir: Path, recipe: str, root: Path, threads: int, reb
 
     path = resolve_recipe_path(recipe)
     out = root / f"ours-{path.stem}"
-    key = _digest("compile", path.read_bytes(), (REPO / "passes" / "int4.py").read_bytes(), (fp32_dir / "llmfold.json").read_bytes())
+    passes_code = b"".join(p.read_bytes() for p in sorted((REPO / "passes").glob("*.py")))
+    key = _digest("compile", path.read_bytes(), passes_code, (fp32_dir / "llmfold.json").read_bytes())
     seconds = None
     if rebuild or not _stamp_ok(out, key):
         shutil.rmtree(out, ignore_errors=True)

@@ -3,7 +3,7 @@
     export smollm2-135m → fp32 model dir → compile --recipe R → eval both on held-out text
 
 Artifacts are cached under build/demo/ and rebuilt when stale (an export from another attention
-layout, a compile from another recipe text); delete the directory to start over. Prints one table:
+layout or graph version, a compile from another recipe text); delete the directory to start over. Prints one table:
 perplexity on the held-out fortunes text, size on disk, prefill and decode tokens/s.
 """
 
@@ -42,7 +42,7 @@ def main() -> int:
     import shutil
 
     from compiler.driver import compile_model
-    from compiler.export import DEFAULT_ATTENTION, export
+    from compiler.export import DEFAULT_ATTENTION, GRAPH_VERSION, export
     from compiler.recipe import load_recipe
     from compiler.runtime import evaluate, generate
     from compiler.textdata import default_eval_text
@@ -57,7 +57,7 @@ def main() -> int:
     def meta(d: Path) -> dict:
         return json.loads((d / "llmfold.json").read_text()) if (d / "llmfold.json").is_file() else {}
 
-    if meta(fp32) and meta(fp32).get("attention", "explicit") != DEFAULT_ATTENTION:
+    if meta(fp32) and (meta(fp32).get("attention", "explicit"), meta(fp32).get("graph_version")) != (DEFAULT_ATTENTION, GRAPH_VERSION):
         shutil.rmtree(fp32)
         shutil.rmtree(compiled, ignore_errors=True)
     want = json.loads(json.dumps(load_recipe(recipe).to_json()))
