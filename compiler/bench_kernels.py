@@ -172,9 +172,13 @@ def measure(threads: int, shapes=SHAPES, ms=MS, rounds: int = 7, min_sample_s: f
                 t = r.run(2)
                 inner[k] = max(1, min(2000, int(min_sample_s / max(t, 1e-7))))
             samples = {k: [] for k in runners}
-            for _ in range(rounds):  # interleaved rounds
-                for k, r in runners.items():
-                    samples[k].append(r.run(inner[k]))
+            order = list(runners)
+            for i in range(rounds):  # interleaved rounds; the order rotates so that no kernel always
+                # runs right after the same one (which leaves its own weights in the caches and
+                # the memory controller in its own state: position effects of several percent
+                # between kernels that execute the same code, e.g. A8 and A4 at block 32)
+                for k in order[i % len(order):] + order[:i % len(order)]:
+                    samples[k].append(runners[k].run(inner[k]))
             for k in KERNELS:
                 med = statistics.median(samples[k])
                 wbytes = K * N * (4 if k == "fp32" else 0.5)

@@ -1,5 +1,7 @@
 // Microbenchmark of the active kernel path without ONNX Runtime (single thread), for tuning.
-// Usage: llmfold_kernel_bench M K N [block_size] [reps]   -> min / median thread-CPU microseconds per call.
+// Usage: llmfold_kernel_bench M K N [block_size] [reps] [col_tasks]   -> min / median thread-CPU microseconds
+// per call. col_tasks > 1 splits the column tiles into that many calls, one after the other, as the ORT
+// glue's task grid does with one thread (each call repeats its per-call setup: activation packing).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -21,6 +23,7 @@ int main(int argc, char** argv) {
   const int64_t M = std::atoll(argv[1]), K = std::atoll(argv[2]), N = std::atoll(argv[3]);
   const int64_t bs = argc > 4 ? std::atoll(argv[4]) : 32;
   const int reps = argc > 5 ? std::atoi(argv[5]) : 20;
+  const int64_t col_tasks = argc > 6 ? std::max<int64_t>(1, std::atoll(argv[6])) : 1;
   const int64_t nb = (K + bs - 1) / bs, Kp = nb * bs, nt = (N + 15) / 16;
   std::mt19937 rng(1);
   std::vector<uint8_t> data(static_cast<size_t>(nt * Kp / 8 * 64));
@@ -52,7 +55,8 @@ int main(int argc, char** argv) {
   for (int bits : {8, 4}) {
     auto r = time_it([&] {
       kt.quantize_rows(A.data(), Kp, K, 0, M, nullptr, bits, Q);
-      kt.gemm_int(Q, M, bits, W, 0, nt, nullptr, C.data(), N);
+      for (int64_t t0 = 0; t0 < nt; t0 += (nt + col_tasks - 1) / col_tasks)
+        kt.gemm_int(Q, M, bits, W, t0, std::min(nt, t0 + (nt + col_tasks - 1) / col_tasks), nullptr, C.data(), N);
     });
     std::printf("%s a%d  M=%lld K=%lld N=%lld: min %.1f us  median %.1f us  (%.2f GB/s int4, %.1f GMAC/s)\n", kt.name,
                 bits, (long long)M, (long long)K, (long long)N, r.first, r.second, wbytes / r.first / 1e3,
@@ -62,7 +66,10 @@ int main(int argc, char** argv) {
     auto q8 = time_it([&] { kt.quantize_rows(A.data(), Kp, K, 0, M, nullptr, 8, Q); });
     std::printf("%s quantize_rows M=%lld K=%lld: min %.1f us\n", kt.name, (long long)M, (long long)K, q8.first);
   }
-  auto r = time_it([&] { kt.gemm_a16(A.data(), M, W, 0, nt, nullptr, C.data(), N); });
+  auto r = time_it([&] {
+    for (int64_t t0 = 0; t0 < nt; t0 += (nt + col_tasks - 1) / col_tasks)
+      kt.gemm_a16(A.data(), M, W, t0, std::min(nt, t0 + (nt + col_tasks - 1) / col_tasks), nullptr, C.data(), N);
+  });
   std::printf("%s a16 M=%lld K=%lld N=%lld: min %.1f us  median %.1f us  (%.2f GB/s int4, %.1f GMAC/s)\n", kt.name,
               (long long)M, (long long)K, (long long)N, r.first, r.second, wbytes / r.first / 1e3,
               double(M) * K * N / r.first / 1e3);

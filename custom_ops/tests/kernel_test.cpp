@@ -358,6 +358,9 @@ int main(int argc, char** argv) {
       {1, 1024, 16, 32, false, false, false, 6}, {2, 1024, 24, 128, true, true, false, 6},
       {1, 4096, 16, 16, true, false, false, 6},  {2, 4096, 17, 256, false, true, false, 6},
       {13, 4096, 20, 32, true, false, false, 6},
+      // x86 two-pass strips (strip4_onephase): block 16 with the most blocks per 512-k chunk (32),
+      // several chunks, zero points, a 1-row tail; max sums over several chunks, 8-row epilogue tail.
+      {21, 1100, 40, 16, true, true, false, 0},  {12, 2048, 33, 32, true, false, false, 6},
   };
   if (!quick) {
     cases.push_back({64, 576, 96, 32, false, true, false, 0});

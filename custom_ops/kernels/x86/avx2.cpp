@@ -7,7 +7,9 @@
 // (|.| <= 2*15*127 = 3810); up to 8 of them are summed in int16 (<= 30480, A8) before vpmaddwd
 // widens to int32, so the integer dots are exact and equal ref's. For 4+ rows (int_driver) the
 // zero points are folded into those int16 lanes (see pack_strip4) and a 4-row assembly
-// micro-kernel (strip4_groups) runs on tiles unpacked per K chunk.
+// micro-kernel (strip4_groups / strip4_groups4) runs on tiles unpacked per K chunk, in two passes
+// per chunk when a phase is a block (strip4_onephase: integer phases first, then widening and the
+// scale FMAs).
 // Float path: a weight nibble is isolated in its int32 lane with an AND (no shift) and converted;
 // the activation is pre-multiplied by the matching power of two, which is exact.
 #include <immintrin.h>
@@ -192,6 +194,7 @@ struct IntArgs {
 };
 
 constexpr int64_t kPrefetchBytes = 2048;
+constexpr int64_t kEpiRows = 8;  // rows per block of the GEMM epilogues
 
 // Exact integer dots of rows m0..m0+R over groups [g0, g1) for both column halves of a tile:
 // int16 lanes (caller bounds g1 - g0 so they cannot overflow), widened to int32 pair sums.
@@ -276,6 +279,38 @@ inline void strip4_groups(const uint8_t* u, const int8_t* a, int64_t n, __m256i 
 #undef LLMFOLD_ROW
 }
 
+// strip4_groups for exactly 4 groups (an A8 phase), straight-line: no loop branch per phase.
+inline void strip4_groups4(const uint8_t* u, const int8_t* a, __m256i (&acc)[4][2]) {
+#define LLMFOLD_ROW4(G, off, A0, A1)                        \
+  "vpbroadcastd " #G "*32+" #off "(%[a]), %%ymm12\n\t"     \
+  "vpbroadcastd " #G "*32+4+" #off "(%[a]), %%ymm13\n\t"   \
+  "vpmaddubsw %%ymm12, %%ymm8, %%ymm14\n\t"               \
+  "vpmaddubsw %%ymm12, %%ymm10, %%ymm15\n\t"              \
+  "vpaddw %%ymm14, %" A0 ", %" A0 "\n\t"                  \
+  "vpaddw %%ymm15, %" A1 ", %" A1 "\n\t"                  \
+  "vpmaddubsw %%ymm13, %%ymm9, %%ymm14\n\t"               \
+  "vpmaddubsw %%ymm13, %%ymm11, %%ymm15\n\t"              \
+  "vpaddw %%ymm14, %" A0 ", %" A0 "\n\t"                  \
+  "vpaddw %%ymm15, %" A1 ", %" A1 "\n\t"
+#define LLMFOLD_GROUP4(G)                                   \
+  "vmovdqu " #G "*128(%[u]), %%ymm8\n\t"                   \
+  "vmovdqu " #G "*128+32(%[u]), %%ymm9\n\t"                \
+  "vmovdqu " #G "*128+64(%[u]), %%ymm10\n\t"               \
+  "vmovdqu " #G "*128+96(%[u]), %%ymm11\n\t"               \
+  LLMFOLD_ROW4(G, 0, "[c00]", "[c01]")                      \
+  LLMFOLD_ROW4(G, 8, "[c10]", "[c11]")                      \
+  LLMFOLD_ROW4(G, 16, "[c20]", "[c21]")                     \
+  LLMFOLD_ROW4(G, 24, "[c30]", "[c31]")
+  __asm__ volatile(
+      LLMFOLD_GROUP4(0) LLMFOLD_GROUP4(1) LLMFOLD_GROUP4(2) LLMFOLD_GROUP4(3)
+      : [c00] "+x"(acc[0][0]), [c01] "+x"(acc[0][1]), [c10] "+x"(acc[1][0]), [c11] "+x"(acc[1][1]),
+        [c20] "+x"(acc[2][0]), [c21] "+x"(acc[2][1]), [c30] "+x"(acc[3][0]), [c31] "+x"(acc[3][1])
+      : [u] "r"(u), [a] "r"(a)
+      : "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory");
+#undef LLMFOLD_GROUP4
+#undef LLMFOLD_ROW4
+}
+
 // Rows m0..m0+R of tile t over blocks [b0, b1). Per block: exact int32 dots, zero-point
 // correction in integers, one FMA with the weight scales into float accumulators.
 // kUnpacked: weights from unp (unpacked groups of this tile starting at group b0 * gpb), float
@@ -341,11 +376,13 @@ void int_rows(const IntArgs& p, int64_t m0, int64_t t, const uint8_t* unp, int64
         d[r][1] = _mm256_sub_epi32(d[r][1], s);
       }
     }
-    if (facc_mem) {
+    if (facc_mem) {  // block 0 starts the partial sums (the buffer is not cleared beforehand)
       for (int r = 0; r < R; ++r) {
         float* f = facc_mem + r * kTileN;
-        _mm256_storeu_ps(f, _mm256_fmadd_ps(sw0, _mm256_cvtepi32_ps(d[r][0]), _mm256_loadu_ps(f)));
-        _mm256_storeu_ps(f + 8, _mm256_fmadd_ps(sw1, _mm256_cvtepi32_ps(d[r][1]), _mm256_loadu_ps(f + 8)));
+        const __m256 p0 = b == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(f);
+        const __m256 p1 = b == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(f + 8);
+        _mm256_storeu_ps(f, _mm256_fmadd_ps(sw0, _mm256_cvtepi32_ps(d[r][0]), p0));
+        _mm256_storeu_ps(f + 8, _mm256_fmadd_ps(sw1, _mm256_cvtepi32_ps(d[r][1]), p1));
       }
       continue;
     }
@@ -452,15 +489,21 @@ void strip4_blocks_t(const IntArgs& p, int64_t m0, int64_t t, const int8_t* apac
         acc[r][0] = zps ? _mm256_mullo_epi16(s, nz0) : s;
         acc[r][1] = zps ? _mm256_mullo_epi16(s, nz1) : s;
       }
-      strip4_groups(unp + (g0 - b0 * gpb) * 128, apack + g0 * 4 * kGroupK, phase_groups, acc);
+      if (phase_groups == 4) strip4_groups4(unp + (g0 - b0 * gpb) * 128, apack + g0 * 4 * kGroupK, acc);
+      else strip4_groups(unp + (g0 - b0 * gpb) * 128, apack + g0 * 4 * kGroupK, phase_groups, acc);
       if (kOnePhase && !p.dots) {  // widen, scale and accumulate row by row (no int32 array live)
         const __m256 sw0 = _mm256_loadu_ps(scales + sidx), sw1 = _mm256_loadu_ps(scales + sidx + 8);
         for (int r = 0; r < 4; ++r) {
           float* f = facc + r * kTileN;
           const __m256 v0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(acc[r][0], ones16));
           const __m256 v1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(acc[r][1], ones16));
-          _mm256_storeu_ps(f, _mm256_fmadd_ps(sw0, v0, _mm256_loadu_ps(f)));
-          _mm256_storeu_ps(f + 8, _mm256_fmadd_ps(sw1, v1, _mm256_loadu_ps(f + 8)));
+          if (b == 0) {  // block 0 starts the partial sums (the buffer is not cleared beforehand)
+            _mm256_storeu_ps(f, _mm256_mul_ps(sw0, v0));
+            _mm256_storeu_ps(f + 8, _mm256_mul_ps(sw1, v1));
+          } else {
+            _mm256_storeu_ps(f, _mm256_fmadd_ps(sw0, v0, _mm256_loadu_ps(f)));
+            _mm256_storeu_ps(f + 8, _mm256_fmadd_ps(sw1, v1, _mm256_loadu_ps(f + 8)));
+          }
         }
         break;
       }
@@ -490,15 +533,92 @@ void strip4_blocks_t(const IntArgs& p, int64_t m0, int64_t t, const int8_t* apac
     const __m256 sw0 = _mm256_loadu_ps(scales + sidx), sw1 = _mm256_loadu_ps(scales + sidx + 8);
     for (int r = 0; r < 4; ++r) {
       float* f = facc + r * kTileN;
-      _mm256_storeu_ps(f, _mm256_fmadd_ps(sw0, _mm256_cvtepi32_ps(d[r][0]), _mm256_loadu_ps(f)));
-      _mm256_storeu_ps(f + 8, _mm256_fmadd_ps(sw1, _mm256_cvtepi32_ps(d[r][1]), _mm256_loadu_ps(f + 8)));
+      const __m256 p0 = b == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(f);  // block 0 starts the sums
+      const __m256 p1 = b == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(f + 8);
+      _mm256_storeu_ps(f, _mm256_fmadd_ps(sw0, _mm256_cvtepi32_ps(d[r][0]), p0));
+      _mm256_storeu_ps(f + 8, _mm256_fmadd_ps(sw1, _mm256_cvtepi32_ps(d[r][1]), p1));
     }
+  }
+}
+
+// strip4_blocks_t's common case (one phase per block: A8 with block 32 or 16, A4 with any block;
+// float output) in two passes: first the integer micro-kernel for every block of the chunk, its
+// int16 accumulators stored as they are (8 stores per block); then widening, conversion and the
+// scale FMA for all blocks with the float partial sums in registers (loaded and stored once per
+// chunk). The second pass is independent work the core overlaps freely, where the per-block
+// load-FMA-store chain through facc between two short micro-kernel calls did not (A8 at block 32:
+// about 10 % less time in total). Same float operations in the same order as strip4_blocks_t.
+// (A version generalised to several phases per block, for A8 with blocks >= 64, measured 15 %
+// slower in this case and no faster than strip4_blocks_t in that one, so it was dropped.)
+constexpr int64_t kMaxChunkPhases = 32;  // blocks per 512-k chunk at block 16
+void strip4_onephase(const IntArgs& p, int64_t t, const int8_t* apack, const int32_t* corr, const uint8_t* unp,
+                     int64_t b0, int64_t b1, int64_t phase_groups, float* facc) {
+  const PackedInt4& W = *p.W;
+  const int64_t nb = W.n_blocks;
+  const uint8_t* const zps = W.zero_points;
+  __m256i iacc[kMaxChunkPhases][4][2];
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t g0 = b * phase_groups;
+    const int32_t* c = corr + b * 4;
+    __m256i acc[4][2];
+    if (zps) {  // -zp per column as int16 pairs (both lanes of a column's 32-bit lane)
+      const __m128i z = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zps + (t * nb + b) * kTileN));
+      const __m256i dup = _mm256_set1_epi32(0x00010001), zero = _mm256_setzero_si256();
+      const __m256i nz0 = _mm256_sub_epi16(zero, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(z), dup));
+      const __m256i nz1 = _mm256_sub_epi16(zero, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(z, 8)), dup));
+      for (int r = 0; r < 4; ++r) {
+        const __m256i sr = _mm256_set1_epi32(c[r]);
+        acc[r][0] = _mm256_mullo_epi16(sr, nz0);
+        acc[r][1] = _mm256_mullo_epi16(sr, nz1);
+      }
+    } else {  // corr premultiplied by -8
+      for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_set1_epi32(c[r]);
+    }
+    const uint8_t* u = unp + (g0 - b0 * phase_groups) * 128;
+    if (phase_groups == 4) strip4_groups4(u, apack + g0 * 4 * kGroupK, acc);
+    else strip4_groups(u, apack + g0 * 4 * kGroupK, phase_groups, acc);
+    for (int r = 0; r < 4; ++r) {
+      iacc[b - b0][r][0] = acc[r][0];
+      iacc[b - b0][r][1] = acc[r][1];
+    }
+  }
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  const float* sc = W.scales + (t * nb + b0) * kTileN;
+  __m256 f[4][2];
+  int64_t b = b0;
+  if (b0 == 0) {  // block 0 starts the partial sums (the buffer is not cleared beforehand)
+    const __m256 sw0 = _mm256_loadu_ps(sc), sw1 = _mm256_loadu_ps(sc + 8);
+    for (int r = 0; r < 4; ++r) {
+      f[r][0] = _mm256_mul_ps(sw0, _mm256_cvtepi32_ps(_mm256_madd_epi16(iacc[0][r][0], ones16)));
+      f[r][1] = _mm256_mul_ps(sw1, _mm256_cvtepi32_ps(_mm256_madd_epi16(iacc[0][r][1], ones16)));
+    }
+    ++b;
+  } else {
+    for (int r = 0; r < 4; ++r) {
+      f[r][0] = _mm256_loadu_ps(facc + r * kTileN);
+      f[r][1] = _mm256_loadu_ps(facc + r * kTileN + 8);
+    }
+  }
+  for (; b < b1; ++b) {
+    const float* sw = sc + (b - b0) * kTileN;
+    const __m256 sw0 = _mm256_loadu_ps(sw), sw1 = _mm256_loadu_ps(sw + 8);
+    for (int r = 0; r < 4; ++r) {
+      f[r][0] = _mm256_fmadd_ps(sw0, _mm256_cvtepi32_ps(_mm256_madd_epi16(iacc[b - b0][r][0], ones16)), f[r][0]);
+      f[r][1] = _mm256_fmadd_ps(sw1, _mm256_cvtepi32_ps(_mm256_madd_epi16(iacc[b - b0][r][1], ones16)), f[r][1]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    _mm256_storeu_ps(facc + r * kTileN, f[r][0]);
+    _mm256_storeu_ps(facc + r * kTileN + 8, f[r][1]);
   }
 }
 
 void strip4_blocks(const IntArgs& p, int64_t m0, int64_t t, const int8_t* apack, const int32_t* corr,
                    const uint8_t* unp, int64_t b0, int64_t b1, int64_t phase_groups, float* facc) {
-  if (phase_groups == p.W->block_size / kGroupK) strip4_blocks_t<true>(p, m0, t, apack, corr, unp, b0, b1, phase_groups, facc);
+  const bool one = phase_groups == p.W->block_size / kGroupK;
+  if (!p.dots && one && b1 - b0 <= kMaxChunkPhases)
+    strip4_onephase(p, t, apack, corr, unp, b0, b1, phase_groups, facc);
+  else if (one) strip4_blocks_t<true>(p, m0, t, apack, corr, unp, b0, b1, phase_groups, facc);
   else strip4_blocks_t<false>(p, m0, t, apack, corr, unp, b0, b1, phase_groups, facc);
 }
 
@@ -697,7 +817,7 @@ void int_driver(const IntArgs& p, int64_t M, int64_t tile_begin, int64_t tile_en
     }
     for (int64_t tg = tile_begin; tg < tile_end; tg += tgroup) {
       const int64_t tg1 = std::min(tile_end, tg + tgroup);
-      if (acc) std::fill(acc, acc + (tg1 - tg) * rows * kTileN, 0.0f);
+      // (acc is not cleared: block 0 of the first chunk writes it)
       for (int64_t b0 = 0; b0 < nb; b0 += chunk_blocks) {
         const int64_t b1 = std::min(nb, b0 + chunk_blocks);
         for (int64_t t = tg; t < tg1; ++t) {
@@ -711,15 +831,22 @@ void int_driver(const IntArgs& p, int64_t M, int64_t tile_begin, int64_t tile_en
         }
       }
       if (!acc) continue;
-      for (int64_t t = tg; t < tg1; ++t) {  // epilogue: row scale and bias
-        const float* ta = acc + (t - tg) * rows * kTileN;
-        const int64_t n0 = t * kTileN, nvalid = std::min<int64_t>(kTileN, W.N - n0);
-        __m256 bb0, bb1;
-        load_bias(p.bias, n0, nvalid, bb0, bb1);
-        for (int64_t m = m0; m < m1; ++m) {
-          const __m256 s = _mm256_set1_ps(p.A->scale[m]);
-          store_cols(p.C + m * p.ldc + n0, _mm256_fmadd_ps(_mm256_loadu_ps(ta + (m - m0) * kTileN), s, bb0),
-                     _mm256_fmadd_ps(_mm256_loadu_ps(ta + (m - m0) * kTileN + 8), s, bb1), nvalid);
+      // Epilogue (row scale and bias) in blocks of kEpiRows rows, tiles inner: acc ([tile][row][16])
+      // is read in runs of kEpiRows * 64 bytes and each row of C is written in whole lines, run after
+      // run (row by row over all tiles would read acc with a stride of rows * 64 bytes, a multiple of
+      // 4 KB: one L1 set; tile by tile over all rows writes one line of every row per tile).
+      for (int64_t e0 = m0; e0 < m1; e0 += kEpiRows) {
+        const int64_t e1 = std::min(m1, e0 + kEpiRows);
+        for (int64_t t = tg; t < tg1; ++t) {
+          const int64_t n0 = t * kTileN, nvalid = std::min<int64_t>(kTileN, W.N - n0);
+          __m256 bb0, bb1;
+          load_bias(p.bias, n0, nvalid, bb0, bb1);
+          for (int64_t m = e0; m < e1; ++m) {
+            const float* ta = acc + ((t - tg) * rows + (m - m0)) * kTileN;
+            const __m256 s = _mm256_set1_ps(p.A->scale[m]);
+            store_cols(p.C + m * p.ldc + n0, _mm256_fmadd_ps(_mm256_loadu_ps(ta), s, bb0),
+                       _mm256_fmadd_ps(_mm256_loadu_ps(ta + 8), s, bb1), nvalid);
+          }
         }
       }
     }
@@ -864,40 +991,21 @@ void dequant_chunk(const PackedInt4& W, int64_t t, int64_t k0, int64_t k1, float
   }
 }
 
-// Activations of a K chunk packed per strip of 6 rows as [k][8] (lanes 6, 7 unused): the 6 x 16
-// micro-kernel then broadcasts from one stream instead of 6 rows Kp * 4 bytes apart, which for
-// K a multiple of 1024 all map to the same L1 sets as each other and the panel.
+// Activations of a K chunk packed per strip of R <= 6 rows as [k/8][R][8]: 8 consecutive k of each
+// row of the strip, row after row, then the next 8 k. The micro-kernel then broadcasts from one
+// stream (R x 32 bytes per 8 k) at constant offsets instead of 6 rows Kp * 4 bytes apart, which for
+// K a multiple of 1024 all map to the same L1 sets as each other and the panel; packing is one
+// 32-byte load and store per row and 8 k (the ORT glue splits the tiles into several calls even with
+// one thread, each packing all rows: the [k][8] layout's 8 x 8 transposes cost 2.5 times as many
+// operations; this layout measured 5-12 % faster in total at M=128).
 constexpr int64_t kA16Strip = 6;
 thread_local std::vector<float> t_apanel;
 
-inline void transpose8(__m256 r[8]) {
-  __m256 t[8], u[8];
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 2; ++i) {
-    u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-  }
-  for (int j = 0; j < 4; ++j) {
-    r[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
-    r[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
-  }
-}
-
-// Rows [m, m + R) (R <= 8) x k [k0, k0 + kn) (kn a multiple of 8) as [k][8] (lanes >= R unused).
+// Rows [m, m + R) x k [k0, k0 + kn) (kn a multiple of 8) as [kn/8][R][8].
 void pack_a16_strip(const float* A, int64_t lda, int64_t m, int64_t R, int64_t k0, int64_t kn, float* d) {
-  const float* rows[8];
-  for (int r = 0; r < 8; ++r) rows[r] = A + (m + std::min<int64_t>(r, R - 1)) * lda + k0;
-  for (int64_t k = 0; k < kn; k += 8) {
-    __m256 v[8];
-    for (int r = 0; r < 8; ++r) v[r] = _mm256_loadu_ps(rows[r] + k);
-    transpose8(v);
-    for (int j = 0; j < 8; ++j) _mm256_store_ps(d + (k + j) * 8, v[j]);
-  }
+  const float* rows = A + m * lda + k0;
+  for (int64_t k = 0; k < kn; k += 8, d += R * 8)
+    for (int64_t r = 0; r < R; ++r) _mm256_store_ps(d + r * 8, _mm256_loadu_ps(rows + r * lda + k));
 }
 
 // Row strips: 6 rows each, except that a last strip of 1 or 2 rows (a quarter or half of the FMA
@@ -918,22 +1026,39 @@ int64_t a16_strips(int64_t M, int64_t* start, int64_t* rows) {
 }
 
 // Each chunk's sums start from zero and are then added to acc: rounding chains of <= 256 + K / 256
-// additions instead of K (same-sign products over long K stay within the 1e-5 bound).
-template <int R>
+// additions instead of K (same-sign products over long K stay within the 1e-5 bound). The first
+// chunk (kFirst) stores its sums: acc is not cleared beforehand.
+template <int R, bool kFirst>
 void fma_rows(const float* ap, const float* panel, int64_t kn, float* acc) {
   __m256 c[R][2];
   for (int r = 0; r < R; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < kn; ++k) {
-    const __m256 w0 = _mm256_load_ps(panel + k * kTileN), w1 = _mm256_load_ps(panel + k * kTileN + 8);
-    for (int r = 0; r < R; ++r) {
-      const __m256 a = _mm256_broadcast_ss(ap + k * 8 + r);
-      c[r][0] = _mm256_fmadd_ps(w0, a, c[r][0]);
-      c[r][1] = _mm256_fmadd_ps(w1, a, c[r][1]);
+  for (int64_t k8 = 0; k8 < kn; k8 += 8, ap += R * 8, panel += 8 * kTileN) {
+#pragma GCC unroll 2
+    for (int j = 0; j < 8; ++j) {
+      const __m256 w0 = _mm256_load_ps(panel + j * kTileN), w1 = _mm256_load_ps(panel + j * kTileN + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 a = _mm256_broadcast_ss(ap + r * 8 + j);
+        c[r][0] = _mm256_fmadd_ps(w0, a, c[r][0]);
+        c[r][1] = _mm256_fmadd_ps(w1, a, c[r][1]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(acc + r * kTileN, _mm256_add_ps(_mm256_loadu_ps(acc + r * kTileN), c[r][0]));
-    _mm256_storeu_ps(acc + r * kTileN + 8, _mm256_add_ps(_mm256_loadu_ps(acc + r * kTileN + 8), c[r][1]));
+    _mm256_storeu_ps(acc + r * kTileN, kFirst ? c[r][0] : _mm256_add_ps(_mm256_loadu_ps(acc + r * kTileN), c[r][0]));
+    _mm256_storeu_ps(acc + r * kTileN + 8,
+                     kFirst ? c[r][1] : _mm256_add_ps(_mm256_loadu_ps(acc + r * kTileN + 8), c[r][1]));
+  }
+}
+
+template <bool kFirst>
+inline void fma_strip(int64_t rows, const float* ap, const float* panel, int64_t kn, float* c) {
+  switch (rows) {
+    case 6: fma_rows<6, kFirst>(ap, panel, kn, c); break;
+    case 5: fma_rows<5, kFirst>(ap, panel, kn, c); break;
+    case 4: fma_rows<4, kFirst>(ap, panel, kn, c); break;
+    case 3: fma_rows<3, kFirst>(ap, panel, kn, c); break;
+    case 2: fma_rows<2, kFirst>(ap, panel, kn, c); break;
+    default: fma_rows<1, kFirst>(ap, panel, kn, c); break;
   }
 }
 
@@ -950,35 +1075,32 @@ void a16_tile_group(const float* A, int64_t M, const PackedInt4& W, int64_t tile
   float* panel = scratch(t_panel, static_cast<size_t>(kChunkK * kTileN));
   float* acc = scratch(t_tileacc, static_cast<size_t>(nt * M * kTileN));
   float* apk = scratch(t_apanel, static_cast<size_t>(strips * kChunkK * 8));
-  std::fill(acc, acc + nt * M * kTileN, 0.0f);
   for (int64_t k0 = 0; k0 < Kp; k0 += kChunkK) {
     const int64_t k1 = std::min(Kp, k0 + kChunkK), kn = k1 - k0;
-    for (int64_t i = 0; i < strips; ++i) pack_a16_strip(A, Kp, sstart[i], srows[i], k0, kn, apk + i * kn * 8);
+    for (int64_t i = 0; i < strips; ++i) pack_a16_strip(A, Kp, sstart[i], srows[i], k0, kn, apk + i * kChunkK * 8);
     for (int64_t t = tile_begin; t < tile_end; ++t) {
       float* tacc = acc + (t - tile_begin) * M * kTileN;
       dequant_chunk(W, t, k0, k1, panel);
       for (int64_t i = 0; i < strips; ++i) {
-        const float* ap = apk + i * kn * 8;
+        const float* ap = apk + i * kChunkK * 8;
         float* c = tacc + sstart[i] * kTileN;
-        switch (srows[i]) {
-          case 6: fma_rows<6>(ap, panel, kn, c); break;
-          case 5: fma_rows<5>(ap, panel, kn, c); break;
-          case 4: fma_rows<4>(ap, panel, kn, c); break;
-          case 3: fma_rows<3>(ap, panel, kn, c); break;
-          case 2: fma_rows<2>(ap, panel, kn, c); break;
-          default: fma_rows<1>(ap, panel, kn, c); break;
-        }
+        if (k0 == 0) fma_strip<true>(srows[i], ap, panel, kn, c);
+        else fma_strip<false>(srows[i], ap, panel, kn, c);
       }
     }
   }
-  for (int64_t t = tile_begin; t < tile_end; ++t) {
-    const float* tacc = acc + (t - tile_begin) * M * kTileN;
-    const int64_t n0 = t * kTileN, nvalid = std::min<int64_t>(kTileN, W.N - n0);
-    __m256 b0, b1;
-    load_bias(bias, n0, nvalid, b0, b1);
-    for (int64_t m = 0; m < M; ++m)
-      store_cols(C + m * ldc + n0, _mm256_add_ps(_mm256_loadu_ps(tacc + m * kTileN), b0),
-                 _mm256_add_ps(_mm256_loadu_ps(tacc + m * kTileN + 8), b1), nvalid);
+  for (int64_t e0 = 0; e0 < M; e0 += kEpiRows) {  // blocks of rows, tiles inner (see int_driver)
+    const int64_t e1 = std::min(M, e0 + kEpiRows);
+    for (int64_t t = tile_begin; t < tile_end; ++t) {
+      const int64_t n0 = t * kTileN, nvalid = std::min<int64_t>(kTileN, W.N - n0);
+      __m256 b0, b1;
+      load_bias(bias, n0, nvalid, b0, b1);
+      for (int64_t m = e0; m < e1; ++m) {
+        const float* tacc = acc + ((t - tile_begin) * M + m) * kTileN;
+        store_cols(C + m * ldc + n0, _mm256_add_ps(_mm256_loadu_ps(tacc), b0),
+                   _mm256_add_ps(_mm256_loadu_ps(tacc + 8), b1), nvalid);
+      }
+    }
   }
 }
 
