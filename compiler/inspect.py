@@ -238,6 +238,8 @@ def linear_rows(model, st) -> list[dict]:
                 "act_bits": lin.act_bits,
                 "bytes": int(round(nbytes)),
                 "macs_per_token": int(macs),
+                # columns [start, stop) of a node several roles share (packed q/k/v), else None
+                "packed_columns": list(lin.columns) if lin.columns else None,
                 # tied: the lm_head reads the embedding initializer itself (not a copy of it)
                 "tied": bool(lin.role == "lm_head" and st.embedding is not None and st.embedding in used[lin.name]),
             }
@@ -361,7 +363,7 @@ def inspect_model(path) -> dict:
     return report
 
 
-_DIFF_FIELDS = ("kind", "K", "N", "bits", "group", "rank", "act_bits", "bytes", "macs_per_token")
+_DIFF_FIELDS = ("kind", "K", "N", "bits", "group", "rank", "act_bits", "packed_columns", "bytes", "macs_per_token")
 
 
 def diff_reports(a: dict, b: dict) -> dict:

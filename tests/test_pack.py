@@ -50,6 +50,12 @@ def test_packed_qmatmul_is_bit_identical(tiny_fused_dir, tmp_path, bits, sym):
         assert q["node"] == k["node"] == v["node"] == f"/model/layers.{b['index']}/attn/qkv_proj/QMatMul"
         assert (q["columns"], k["columns"], v["columns"]) == ([0, 64], [64, 96], [96, 128])
         assert q["kind"] == "int4" and q["act_bits"] == bits
+    # inspect --diff names what each layer became
+    from compiler.inspect import diff_reports, inspect_model
+
+    d = diff_reports(inspect_model(plain), inspect_model(packed))
+    changed = {c["name"]: c["changes"] for c in d["changed_layers"]}
+    assert changed["layers.0.k"] == {"packed_columns": [None, [64, 96]]} and len(changed) == 2 * 3
 
 
 def test_packed_dense_matmul(tiny_fused_dir, tmp_path):
