@@ -231,6 +231,25 @@ def test_qmatmul_batched_shape_threads_identical(lib, act_bits):
     assert np.allclose(y1, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("act_bits", [16, 8, 4])
+@pytest.mark.parametrize("K,N,bs", [(576, 1000, 64), (1536, 200, 64), (576, 192, 32)])
+def test_qmatmul_decode_split_threads_identical(lib, act_bits, K, N, bs):
+    # Few rows (decode): the glue splits the column tiles by weight bytes (576x1000: 4 tasks of 16,
+    # 16, 16, 15 tiles, the last tile partial; 1536x200: 2 tasks of 7 and 6 tiles; 576x192: 1 task).
+    rng = np.random.default_rng(K + N)
+    q, sc, zp = random_weights(rng, K, N, bs, True)
+    p = co.pack_int4_blocks(q, sc, zp, bs)
+    m = qmatmul_model(K, N, bs, act_bits, p)
+    sessions = [session(m, threads=t) for t in (1, 2, 3)]
+    for M in (1, 2, 3):
+        A = rng.standard_normal((M, K)).astype(np.float32)
+        ys = [s.run(None, {"A": A})[0] for s in sessions]
+        assert ys[0].shape == (M, N)
+        assert np.array_equal(ys[0], ys[1]) and np.array_equal(ys[0], ys[2])
+        r = co.qmatmul_reference(A, p["data"], p["scales"], p["zero_points"], K, N, bs, act_bits)
+        assert np.allclose(ys[0], r, rtol=1e-4, atol=1e-4)
+
+
 def test_qmatmul_nonfinite_and_zero_rows(lib):
     rng = np.random.default_rng(3)
     K, N, bs = 64, 16, 32

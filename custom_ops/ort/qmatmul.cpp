@@ -33,6 +33,9 @@ void check_nibbles(const uint8_t* p, int64_t n, const char* what) {
   }
 }
 
+// Few-row (streaming) calls: weight bytes per task at least (see the task grid in Compute).
+constexpr int64_t kStreamTaskBytes = int64_t{64} << 10;
+
 struct QMatMulKernel {
   static constexpr const char* kName = "QMatMul";
   int64_t K, N, block_size, act_bits, n_blocks, n_tiles, Kp;
@@ -228,19 +231,41 @@ struct QMatMulKernel {
       else ctx.ParallelFor(&QMatMulKernel::quant_task, static_cast<size_t>(qtasks), 0, &qw);
     }
 
-    // Task grid: chunks of >= 8 column tiles, >= 16 for 4+ rows (per-task setup - activation
+    // Task grid. Few rows (M < 4 int, M < 3 A16: the streaming kernels, decode steps): the call is
+    // bound by reading the packed weights, so the column tiles are split by weight bytes: a power
+    // of two of tasks (1, 2, 4, ... 64: as many per thread with pools of 2, 4, 8 threads), each
+    // streaming >= kStreamTaskBytes, ceil(tiles / tasks) tiles each (1536x576: 4 x 9 tiles; rounding
+    // to even counts for the M = 1 kernel's tile pairs, 10, 10, 10, 6, measured alike). ORT's pool
+    // threads (the calling one included) claim the tasks dynamically, and a task costs a little
+    // (per-task setup, the claim): at M = 1, 2 threads and a spinning
+    // worker, 576x576 (weights in L3) takes 5.6 us in 2 tasks, 6.2 in 4, 7.8 in 16 (9.5 in one
+    // thread; medians, see README "Threads").
+    // More rows: chunks of >= 8 column tiles, >= 16 for 4+ rows (per-task setup - activation
     // packing, per-row prescaling - stays small against the work), at most 64 tasks and about
-    // 2^20 MACs per task at least. ORT's pool balances the tasks over its threads.
-    const int64_t macs = M * Kp * n_tiles * kTileN;
-    const int64_t want = std::max<int64_t>(1, std::min<int64_t>(64, macs >> 20));
-    w.col_tasks = std::max<int64_t>(1, std::min(want, n_tiles / (M >= 4 ? 16 : 8)));
-    // Row splits repeat the per-tile weight unpacking/dequantization: only when there is a
-    // single column chunk.
-    w.row_tasks = w.col_tasks > 1 ? 1 : std::max<int64_t>(1, std::min<int64_t>(want, M / 32));
-    w.tiles_per = (n_tiles + w.col_tasks - 1) / w.col_tasks;
-    w.col_tasks = (n_tiles + w.tiles_per - 1) / w.tiles_per;
-    w.rows_per = (M + w.row_tasks - 1) / w.row_tasks;
-    w.row_tasks = (M + w.rows_per - 1) / w.rows_per;
+    // 2^20 MACs per task at least. Either way each output element is computed by exactly one task,
+    // so results do not depend on the split or the thread count.
+    const bool streaming = act_bits == 16 ? M < 3 : M < 4;
+    if (streaming) {
+      const int64_t tile_bytes = Kp / 2 * kTileN + n_blocks * kTileN * (zp ? 5 : 4);
+      const int64_t fit = std::min<int64_t>(64, tile_bytes * n_tiles / kStreamTaskBytes);
+      int64_t want = 1;
+      while (want * 2 <= fit) want *= 2;
+      w.tiles_per = (n_tiles + want - 1) / want;
+      w.col_tasks = (n_tiles + w.tiles_per - 1) / w.tiles_per;
+      w.row_tasks = 1;
+      w.rows_per = M;
+    } else {
+      const int64_t macs = M * Kp * n_tiles * kTileN;
+      const int64_t want = std::max<int64_t>(1, std::min<int64_t>(64, macs >> 20));
+      w.col_tasks = std::max<int64_t>(1, std::min(want, n_tiles / (M >= 4 ? 16 : 8)));
+      // Row splits repeat the per-tile weight unpacking/dequantization: only when there is a
+      // single column chunk.
+      w.row_tasks = w.col_tasks > 1 ? 1 : std::max<int64_t>(1, std::min<int64_t>(want, M / 32));
+      w.tiles_per = (n_tiles + w.col_tasks - 1) / w.col_tasks;
+      w.col_tasks = (n_tiles + w.tiles_per - 1) / w.tiles_per;
+      w.rows_per = (M + w.row_tasks - 1) / w.row_tasks;
+      w.row_tasks = (M + w.rows_per - 1) / w.rows_per;
+    }
     const int64_t tasks = w.row_tasks * w.col_tasks;
     if (tasks == 1) run_task(&w, 0);
     else ctx.ParallelFor(&QMatMulKernel::run_task, static_cast<size_t>(tasks), 0, &w);

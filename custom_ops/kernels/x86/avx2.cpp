@@ -194,6 +194,11 @@ struct IntArgs {
 };
 
 constexpr int64_t kPrefetchBytes = 2048;
+// One row (row1_tiles): the weights stream from memory (decode: every layer's weights once per
+// token), so fetch further ahead. Measured in one process, alternating, weights not in L3, one
+// thread: 576x1536 54 -> 41 us, 576x576 22 -> 17 us, 576x49152 2.1 -> 1.7 ms against 2048 bytes
+// (8192-16384 alike; 1536x576 improves up to 16384, tiles of 12 KB there).
+constexpr int64_t kRow1PrefetchBytes = 16384;
 constexpr int64_t kEpiRows = 8;  // rows per block of the GEMM epilogues
 
 // Exact integer dots of rows m0..m0+R over groups [g0, g1) for both column halves of a tile:
@@ -707,7 +712,7 @@ void row1_tiles(const IntArgs& p, int64_t t, const int32_t* lsum, int64_t phase_
         const __m256i ahi = _mm256_set1_epi32(load_i32(aq + g * kGroupK + 4));
         for (int i = 0; i < NT; ++i) {
           const uint8_t* gp = td + i * tstride + g * 64;
-          _mm_prefetch(reinterpret_cast<const char*>(gp + kPrefetchBytes), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(gp + kRow1PrefetchBytes), _MM_HINT_T0);
           const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gp));
           const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gp + 32));
           acc[i][0] = _mm256_add_epi16(acc[i][0], _mm256_maddubs_epi16(_mm256_and_si256(v0, mask), alo));
