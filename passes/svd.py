@@ -50,7 +50,39 @@ Regularization: directions of the input space that calibration barely excites ar
 almost no data. We therefore minimize ‖X̃W' − T‖² + δ‖W' − W‖² (a ridge toward the original weight,
 not toward zero), which is the same problem with statistics G̃ + δI and B + δW; δ = damp·mean(diag G̃)
 plus whatever positive-definite repair G̃ needed. Where X̃ = X exactly, W* = (G + δI)⁻¹(G + δI)W = W
-for any δ, so full rank stays exact even when XᵀX is singular.
+for any δ, so full rank stays exact even when XᵀX is singular. The refit is a K×N regression
+from a few ten thousand tokens and overfits without it (layers.5.down of SmolLM2 refit on 16×512
+tokens: relative error 0.28 on them but 0.67 on held-out text, worse than no update, 0.60); damp = 0.05 took svd-20 from
+3.11× to 2.46× the fp32 perplexity (0.15: 2.48×).
+
+Quantized inputs (`act_bits` < 16): svd-20-w4a8 went from 894× to 3.77× the fp32 perplexity
+-------------------------------------------------------------------------------------------
+(3.54× with damp = 0.05 and the residual target as well; the recipe's notes have the figures).
+The refit is a least-squares regression on X̃, and X̃ can be extremely ill-conditioned: in
+SmolLM2-135M the inputs of block 1 have channels with variance ~1e-6 (median ~6e-3; X̃ᵀX̃ spans
+eigenvalues 4e-11 … 1). Unregularized, the regression uses those nearly constant directions to
+"explain" the upstream error X − X̃ on the calibration tokens and puts weights of norm 200–1600
+on them (dense rows: ~1). In fp32 that costs little, but the int4 pass then quantizes every token
+of X̃ to int8 with one step Δ_t = max_k|x̃_tk|/127 for all channels, i.e. rounding noise of
+variance ~8e-5 on channels whose own variance is 1e-6, and the huge rows multiply that noise:
+the layer's output error under A8 went from 0.02 to 0.68 (relative), and GPTQ of such a W₁ (block
+scales set by one huge row) alone cost 0.16 — measured on layers.1.q/gate, the collapse.
+
+The fix is to fit what will run. With the deployed input X̂ = X̃ + E, E the rounding error
+(uniform in [−Δ_t/2, Δ_t/2], mean 0, independent across channels and of X̃ to first order),
+
+    E‖X̂·W' − T‖² = ‖X̃·W' − T‖² + ν·‖W'‖_F²,       ν = Σ_t Δ_t²/12   (`activation_noise_energy`),
+
+a ridge toward **zero** with a weight measured on the calibration tokens (no tuning): statistics
+G̃ + νI and B unchanged. It is invisible where X̃ is well excited (ν ≪ the eigenvalues: layers.5.q's
+fp32 error moved by < 1e-4) and caps exactly the directions the noise would blow up; the exact
+fit of the clean input is the ν → 0 limit. Set `act_bits` to the int4 pass's act_bits. Without
+the update the same applies to the truncation (G + νI, B = G·W). The rank-space intermediate
+X̂·W₁ is quantized too, but it is well scaled (the whitened input times U_kΣ_k^½): int8 on it costs
+~3e-5 relative, so the Σ split stays balanced (and W₂'s GPTQ, whose statistics the int4 pass
+collects on the already quantized W₁'s output, costs ~0.005). The noise model is an upper bound
+where it is not exact: at 4 bits many small values round to 0 (error −x, smaller than Δ²/12), and
+equal channels round alike (their difference has no noise); both only make the ridge cautious.
 
 The statistics this needs, G̃ = X̃ᵀX̃ and the cross term X̃ᵀX (B = X̃ᵀX·W, plus X̃ᵀ(R − R̃) for the
 residual target), pair every calibration token's input in the compressed model with the same
@@ -169,23 +201,27 @@ def whiten_cholesky(
     damp: float = 0.0,
     log: Callable[[str], None] | None = None,
     name: str = "",
+    noise: float = 0.0,
 ) -> Whitening:
     """Cholesky factor of the Gram matrix XᵀX, shifted to positive definite if needed.
 
     `damp` adds damp·mean(diag) to the diagonal up front (a ridge term, not a repair; not logged).
+    `noise` adds a fixed amount to the diagonal as well: the energy of an input noise that is
+    independent of X (activation quantization, module docstring). It is not part of the returned
+    `shift` (that one is the ridge *toward W*; the noise term is a ridge toward 0).
     If Cholesky still fails, shift by the smallest eigenvalue plus eps·mean(diag) (ε grows ×10 if
     rounding still defeats it) and report the shift through `log`.
     """
     G = np.asarray(gram, np.float64)
     G = (G + G.T) * 0.5
     scale = float(np.mean(np.diag(G)))
-    if not np.isfinite(scale):
+    if not np.isfinite(scale) or not np.isfinite(noise) or noise < 0:
         raise ValueError(f"statistics of {name or 'a layer'} are not finite")
     if scale <= 0.0:
         scale = 1.0  # an all-zero input: any PD shift works, keep it O(1)
     shift = damp * scale if damp > 0 else 0.0
-    if shift:
-        G = G + shift * np.eye(len(G))
+    if shift or noise:
+        G = G + (shift + noise) * np.eye(len(G))
     S = _cholesky(G)
     if S is not None:
         return Whitening(S, shift)
@@ -280,6 +316,15 @@ def refit_first_factor(S_in: np.ndarray, B: np.ndarray, W2: np.ndarray) -> np.nd
     rhs = np.asarray(B, np.float64) @ W2.T
     rhs = np.linalg.solve(W2 @ W2.T, rhs.T).T  # · (W₂W₂ᵀ)⁻¹ (symmetric, k×k)
     return _solve_triangular(S_in.T, _solve_triangular(S_in, rhs, upper=False), upper=True)
+
+
+def activation_noise_energy(x: np.ndarray, qmax: float) -> float:
+    """Σ_t Δ_t²/12 over rows x [T, K], Δ_t = max_k |x_tk| / qmax: the expected energy per input
+    channel of the rounding error of symmetric per-token quantization with step Δ_t (uniform
+    rounding error in [−Δ_t/2, Δ_t/2]). The expected ‖E·W'‖² of that error E is noise·‖W'‖²_F."""
+    x = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+    step = np.abs(x).max(axis=1).astype(np.float64) / qmax
+    return float(np.sum(step**2) / 12.0)
 
 
 def _check_rank(rank: int, K: int, N: int) -> int:
@@ -494,6 +539,8 @@ class SvdParams:
     refit: Literal["both", "w1"] = "both"  # both factors (reduced-rank regression) | W₁ only (paper)
     residual_target: bool = False  # o/down also cancel the residual-stream error of the upstream
     damp: float = 0.0  # refit ridge toward W: + δ‖W' − W‖², δ = damp·mean(diag G̃)
+    act_bits: int = 16  # per-token activation bits the pair's input gets downstream (int4 act_bits):
+    # < 16 fits the pair to the quantized input in expectation (ridge toward 0, module docstring)
     include: list[str] = dataclasses.field(default_factory=lambda: ["*"])  # layer-name globs
     exclude: list[str] = dataclasses.field(default_factory=list)
     min_rank: int = 1
@@ -512,6 +559,10 @@ class SvdParams:
             raise UserError("a fixed rank and allocation = \"budgeted\" exclude each other; drop one of them")
         if not (0.0 <= self.damp < 1.0):
             raise UserError(f"damp must be in [0, 1) (a fraction of the mean diagonal), got {self.damp}")
+        if self.act_bits not in (16, 8, 4):
+            raise UserError(f"act_bits must be 16, 8 or 4 (the int4 pass's act_bits downstream), got {self.act_bits}")
+        if self.act_bits < 16 and not (self.whiten or self.update):
+            raise UserError("act_bits < 16 needs calibration statistics: set whiten = true or update = true")
         if not (0.0 < self.eps < 1.0):
             raise UserError(f"eps must be in (0, 1), got {self.eps}")
         if not self.include:
@@ -731,6 +782,7 @@ class _Acc:
     weights: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # layer → W (float64)
     sample_x: np.ndarray | None = None  # one batch of X and X̃ rows, for the error diagnostic
     sample_xt: np.ndarray | None = None
+    noise: float = 0.0  # Σ_t Δ_t²/12, Δ_t = max_k |x_tk| / Q: per-channel energy of the act. rounding
 
 
 def _block_stages(model: ir.Model, block, selected: set[str]) -> list[_Stage]:
@@ -899,7 +951,7 @@ class SvdPass(CompilerPass):
         ctx.record(
             ratio=p.ratio, allocation=p.allocation if p.rank is None else f"fixed rank {p.rank}",
             whiten=p.whiten, update=p.update, refit=p.refit if p.update else None,
-            residual_target=p.residual_target, params_before=before, params_after=after,
+            residual_target=p.residual_target, damp=p.damp, act_bits=p.act_bits, params_before=before, params_after=after,
             removed_fraction=round(1 - after / before, 6), factorized=len(todo), seconds=round(seconds, 1),
             layers=rows,
         )
@@ -1032,13 +1084,18 @@ class SvdPass(CompilerPass):
             acc.cross = np.zeros((K, K))
         partners = stage.partners if (p.update and p.residual_target) else {}
         first = True
+        qmax = {8: 127.0, 4: 7.0}.get(p.act_bits)
         for sl in runner.batches():
             x = orig[stage.input][sl].reshape(-1, K)
             if need_gram:
                 acc.gram += (x.T @ x).astype(np.float64)
             if not p.update:
+                if qmax:
+                    acc.noise += activation_noise_energy(x, qmax)
                 continue
             xt = comp[stage.input][sl].reshape(-1, K)
+            if qmax:
+                acc.noise += activation_noise_energy(xt, qmax)
             acc.gram_tilde += (xt.T @ xt).astype(np.float64)
             if acc.cross is not None:
                 acc.cross += (xt.T @ x).astype(np.float64)
@@ -1059,8 +1116,12 @@ class SvdPass(CompilerPass):
         W = acc.weights[lin.name]
         info: dict[str, float] = {}
         if not p.update:
-            wh = whiten_cholesky(acc.gram, p.eps, damp=p.damp, log=ctx.log, name=lin.name) if p.whiten else None
-            f = truncate_whitened(W, wh.S if wh else None, k)
+            wh = whiten_cholesky(acc.gram, p.eps, damp=p.damp, log=ctx.log, name=lin.name, noise=acc.noise) if p.whiten else None
+            if acc.noise > 0:
+                # ‖X(W − W')‖² + δ‖W − W'‖² + ν‖W'‖²: statistics G + (δ + ν)I, B = (G + δI)W
+                f = reduced_rank_fit(wh.S, acc.gram @ W + wh.shift * W, k)
+            else:
+                f = truncate_whitened(W, wh.S if wh else None, k)
             W1, W2 = f.W1, f.W2
             D = W - W1 @ W2
             out_energy = float(np.sum(W * (acc.gram @ W)))  # ‖X·W‖² on the calibration set
@@ -1069,7 +1130,8 @@ class SvdPass(CompilerPass):
             B = acc.cross @ W if acc.cross is not None else acc.cross_out[lin.name]
             if lin.name in acc.resid:
                 B = B + acc.resid[lin.name]
-            wt = whiten_cholesky(acc.gram_tilde, p.eps, damp=p.damp, log=ctx.log, name=lin.name)
+            # the activation-rounding noise (act_bits < 16) adds ν·I to G̃ and nothing to B
+            wt = whiten_cholesky(acc.gram_tilde, p.eps, damp=p.damp, log=ctx.log, name=lin.name, noise=acc.noise)
             # the ridge (and any PD repair) pulls toward the original weight, not toward 0:
             # ‖X̃W' − T‖² + δ‖W' − W‖²  ⇔  statistics G̃ + δI and B + δW
             B = B + wt.shift * W
@@ -1077,8 +1139,11 @@ class SvdPass(CompilerPass):
                 f = reduced_rank_fit(wt.S, B, k)
                 W1, W2 = f.W1, f.W2
             else:
-                wh = whiten_cholesky(acc.gram, p.eps, damp=p.damp, log=ctx.log, name=lin.name) if p.whiten else None
-                W2 = truncate_whitened(W, wh.S if wh else None, k).W2
+                wh = whiten_cholesky(acc.gram, p.eps, damp=p.damp, log=ctx.log, name=lin.name, noise=acc.noise) if p.whiten else None
+                if wh is not None and acc.noise > 0:
+                    W2 = reduced_rank_fit(wh.S, acc.gram @ W + wh.shift * W, k).W2
+                else:
+                    W2 = truncate_whitened(W, wh.S if wh else None, k).W2
                 W1 = refit_first_factor(wt.S, B, W2)
             # diagnostic on one calibration batch: ‖X̃·W₁W₂ − X·W‖² / ‖X·W‖²
             target = acc.sample_x @ W

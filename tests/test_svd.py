@@ -263,6 +263,83 @@ def test_update_reduces_error_on_a_two_layer_case(seed):
 
 
 # --------------------------------------------------------------------------------------------
+# quantized inputs: the noise-aware refit (act_bits < 16)
+
+
+def test_activation_noise_energy_is_the_rounding_error_energy():
+    from passes.int4 import fake_quantize_activations
+    from passes.svd import activation_noise_energy
+
+    rng = np.random.default_rng(11)
+    X = correlated_inputs(rng, 3000, 64).astype(np.float32)
+    X[:, 5] *= 20.0  # an outlier channel sets every token's step
+    per_channel = {}
+    for bits, qmax in ((8, 127.0), (4, 7.0)):
+        E = fake_quantize_activations(X, bits).astype(np.float64) - X
+        per_channel[bits] = np.sum(E**2, axis=0) / activation_noise_energy(X, qmax)
+    # int8: per channel Σ_t E_tk² ≈ ν (the outlier channel, often the token max, rounds exactly)
+    assert np.median(per_channel[8]) == pytest.approx(1.0, rel=0.05)
+    assert per_channel[8][5] < 0.5
+    # int4: steps comparable to the channels' values (many round to 0): ν is an upper bound
+    assert np.all(per_channel[4] < 1.05)
+
+
+def _ill_conditioned_refit_case(seed, T=3000, K=48, N=40):
+    """A layer whose input has a nearly unexcited direction (channel 3 = 0.6·ch4 + 0.3·ch5 up to
+    1e-6 of their size: XᵀX's smallest eigenvalue ~1e-12 of the others, like SmolLM2's block-1 inputs,
+    eigenvalues 4e-11 … 1) and an upstream error X − X̃ the regression can chase there."""
+    rng = np.random.default_rng(seed)
+    X = correlated_inputs(rng, 2 * T, K)
+    X[:, 7] *= 8.0  # an outlier channel: the per-token int8 step is large
+    X_tilde = X + 0.3 * rng.standard_normal(X.shape) * X.std(0)  # upstream compression error
+    X_tilde[:, 3] = 0.6 * X_tilde[:, 4] + 0.3 * X_tilde[:, 5] + 1e-6 * X[:, 4].std() * rng.standard_normal(2 * T)
+    X[:, 3] = 0.6 * X[:, 4] + 0.3 * X[:, 5]
+    W = rng.standard_normal((K, N)) / np.sqrt(K)
+    return X[:T], X_tilde[:T], X[T:], X_tilde[T:], W
+
+
+@pytest.mark.parametrize("seed", [12, 13])
+def test_noise_aware_refit_survives_int8_inputs(seed):
+    """Regression test for svd-20-w4a8's collapse: the unregularized refit puts huge weights on a
+    nearly dead input channel, and per-token int8 rounding noise on that channel then dominates
+    the output. The act_bits = 8 fit (G̃ + νI) keeps the weights bounded: far lower error under
+    int8 inputs, and the clean calibration error barely changes."""
+    from passes.int4 import fake_quantize_activations
+    from passes.svd import activation_noise_energy
+
+    X, Xt, X_eval, Xt_eval, W = _ill_conditioned_refit_case(seed)
+    k = 16
+    G, B = Xt.T @ Xt, Xt.T @ (X @ W)
+    nu = activation_noise_energy(Xt, 127.0)
+
+    plain = reduced_rank_fit(whiten_cholesky(G).S, B, k)
+    aware = reduced_rank_fit(whiten_cholesky(G, noise=nu).S, B, k)
+
+    def rel_err(Xin, Xref, f, bits):
+        Xq = fake_quantize_activations(Xin.astype(np.float32), bits).astype(np.float64)
+        Y = Xref @ W
+        return np.sum((Xq @ f.W1 @ f.W2 - Y) ** 2) / np.sum(Y**2)
+
+    # the unregularized fit chases the upstream error along the unexcited direction
+    rows = np.abs(plain.W1).max(1)
+    others = np.delete(np.arange(48), [3, 4, 5])
+    assert rows[3] > 100 * rows[others].max()
+    rows = np.abs(aware.W1).max(1)
+    assert rows[[3, 4, 5]].max() < 3 * rows[others].max()
+    # with int8 inputs (held-out tokens) the noise-aware pair is far better ...
+    assert rel_err(Xt_eval, X_eval, aware, 8) < 0.2 * rel_err(Xt_eval, X_eval, plain, 8)
+    # ... and in fp32 on the calibration tokens it gives up almost nothing
+    assert rel_err(Xt, X, aware, 16) < 1.05 * rel_err(Xt, X, plain, 16)
+    # the ridge is toward 0 and exact in expectation: E‖(X̃+E)W' − T‖² = ‖X̃W' − T‖² + ν‖W'‖²
+    Wp = aware.W1 @ aware.W2
+    Y = X @ W
+    Eq = fake_quantize_activations(Xt.astype(np.float32), 8).astype(np.float64) - Xt
+    lhs = np.sum((Xt @ Wp + Eq @ Wp - Y) ** 2)
+    rhs = np.sum((Xt @ Wp - Y) ** 2) + nu * np.sum(Wp**2)
+    assert lhs == pytest.approx(rhs, rel=0.05)
+
+
+# --------------------------------------------------------------------------------------------
 # the pass on the tiny model
 
 CALIB = '[calibration]\nwindows = 8\nseq_len = 64\n'
@@ -412,6 +489,29 @@ def test_low_rank_pairs_go_through_the_int4_pass(tiny_model_dir, tmp_path):
     assert corr > 0.9
 
 
+def test_act_bits_fits_the_pairs_for_int8_inputs(tiny_model_dir, tmp_path):
+    """svd with act_bits = 8 then int4 W4A8 (the svd-20-w4a8 chain): the noise-aware refit is
+    recorded, its pairs differ from the fp32 fit only by the small ridge, and the chain stays close
+    to the svd-only logits."""
+    import json
+
+    from compiler.driver import compile_model
+    from compiler.runtime import open_session
+
+    calib = _text(tmp_path)
+    svd_only = compile_model(tiny_model_dir, tmp_path / "svd", recipe=_recipe(tmp_path, "ratio = 0.3"), calib=calib, progress=False)
+    body = 'ratio = 0.3\nact_bits = 8\n\n[[pass]]\nname = "int4"\nalgorithm = "gptq"\nblock_size = 16\nact_bits = 8\nlm_head = false'
+    out = compile_model(tiny_model_dir, tmp_path / "svdq8", recipe=_recipe(tmp_path, body, "rq8"), calib=calib, progress=False)
+    rec = json.loads((out / "llmfold.json").read_text())["passes"][0]["records"][0]
+    assert rec["act_bits"] == 8 and rec["factorized"] > 0
+    ids = _text_ids(tiny_model_dir, calib)[0]
+    a = open_session(svd_only, threads=1).prefill_logits(ids)
+    b = open_session(out, threads=1).prefill_logits(ids)
+    corr = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+    print("logit correlation svd vs svd(act_bits=8)+W4A8", corr)
+    assert corr > 0.9
+
+
 def test_budgeted_compile_spends_the_uniform_budget(tiny_model_dir, tmp_path):
     import json
 
@@ -459,6 +559,8 @@ def test_include_exclude_select_layers(tiny_model_dir, tmp_path):
         ('refit = "w2"', "refit"),
         ("include = []", "include must name"),
         ("damp = 2.0", "damp must be"),
+        ("act_bits = 6", "act_bits must be 16, 8 or 4"),
+        ("whiten = false\nupdate = false\nact_bits = 8", "act_bits < 16 needs"),
         ("update = false\nresidual_target = true", "residual_target needs update"),
         ("budget_windows = 0", "budget_windows must be at least 1"),
         ("ratio = \"20%\"", "ratio"),
