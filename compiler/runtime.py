@@ -397,7 +397,8 @@ class LanguageModel:
         shared = self.shared_kv and not stopped and max_new_tokens > 1
         if shared:
             past = self._shared_kv_buffers(past, seen + max_new_tokens)
-            logits_out = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, logits.shape[-1]), np.float32))
+            out_type = next(o.type for o in self.session.get_outputs() if o.name == "logits")
+            logits_out = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, logits.shape[-1]), _ORT_DTYPES.get(out_type, np.float32)))
             binding = self._shared_binding(past, logits_out)
         while not stopped and len(tokens) < max_new_tokens:
             t0 = time.perf_counter()
