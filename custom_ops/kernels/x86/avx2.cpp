@@ -244,49 +244,9 @@ inline void int_dots(const int8_t* aq, int64_t rs, int64_t gs, const uint8_t* td
   }
 }
 
-// The 4-row x 16-column integer micro-kernel over n >= 1 unpacked groups u (128 bytes each) and a
-// packed activation strip a ([group][4][8]), accumulating into acc (int16 lanes, wrapping adds).
-// Assembly because GCC's allocation of the intrinsics version spills two of the eight
-// accumulators. Registers: acc = 8 operands (ymm0-7), weights ymm8-11 (lo0, hi0, lo1, hi1),
-// activations ymm12-13 (4 k broadcast), products ymm14-15.
-// AT&T order: vpmaddubsw act, w, dst = maddubs(w u8, act s8).
-inline void strip4_groups(const uint8_t* u, const int8_t* a, int64_t n, __m256i (&acc)[4][2]) {
-#define LLMFOLD_ROW(off, A0, A1)                  \
-  "vpbroadcastd " #off "(%[a]), %%ymm12\n\t"      \
-  "vpbroadcastd 4+" #off "(%[a]), %%ymm13\n\t"    \
-  "vpmaddubsw %%ymm12, %%ymm8, %%ymm14\n\t"       \
-  "vpmaddubsw %%ymm12, %%ymm10, %%ymm15\n\t"      \
-  "vpaddw %%ymm14, %" A0 ", %" A0 "\n\t"          \
-  "vpaddw %%ymm15, %" A1 ", %" A1 "\n\t"          \
-  "vpmaddubsw %%ymm13, %%ymm9, %%ymm14\n\t"       \
-  "vpmaddubsw %%ymm13, %%ymm11, %%ymm15\n\t"      \
-  "vpaddw %%ymm14, %" A0 ", %" A0 "\n\t"          \
-  "vpaddw %%ymm15, %" A1 ", %" A1 "\n\t"
-  __asm__ volatile(
-      "1:\n\t"
-      "vmovdqu (%[u]), %%ymm8\n\t"
-      "vmovdqu 32(%[u]), %%ymm9\n\t"
-      "vmovdqu 64(%[u]), %%ymm10\n\t"
-      "vmovdqu 96(%[u]), %%ymm11\n\t"
-      LLMFOLD_ROW(0, "[c00]", "[c01]")
-      LLMFOLD_ROW(8, "[c10]", "[c11]")
-      LLMFOLD_ROW(16, "[c20]", "[c21]")
-      LLMFOLD_ROW(24, "[c30]", "[c31]")
-      "add $128, %[u]\n\t"
-      "add $32, %[a]\n\t"
-      "dec %[n]\n\t"
-      "jnz 1b\n\t"
-      : [u] "+r"(u), [a] "+r"(a), [n] "+r"(n), [c00] "+x"(acc[0][0]), [c01] "+x"(acc[0][1]),
-        [c10] "+x"(acc[1][0]), [c11] "+x"(acc[1][1]), [c20] "+x"(acc[2][0]), [c21] "+x"(acc[2][1]),
-        [c30] "+x"(acc[3][0]), [c31] "+x"(acc[3][1])
-      :
-      : "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory", "cc");
-#undef LLMFOLD_ROW
-}
-
-// strip4_groups for exactly 4 groups (an A8 phase), straight-line: no loop branch per phase.
-inline void strip4_groups4(const uint8_t* u, const int8_t* a, __m256i (&acc)[4][2]) {
-#define LLMFOLD_ROW4(G, off, A0, A1)                        \
+// One activation row of a group: G = group offset (128-byte weight steps, 32-byte activation
+// steps), off = the row's 8-byte offset in the group; A0/A1 its two int16 accumulators.
+#define LLMFOLD_MADD_ROW(G, off, A0, A1)                        \
   "vpbroadcastd " #G "*32+" #off "(%[a]), %%ymm12\n\t"     \
   "vpbroadcastd " #G "*32+4+" #off "(%[a]), %%ymm13\n\t"   \
   "vpmaddubsw %%ymm12, %%ymm8, %%ymm14\n\t"               \
@@ -297,15 +257,46 @@ inline void strip4_groups4(const uint8_t* u, const int8_t* a, __m256i (&acc)[4][
   "vpmaddubsw %%ymm13, %%ymm11, %%ymm15\n\t"              \
   "vpaddw %%ymm14, %" A0 ", %" A0 "\n\t"                  \
   "vpaddw %%ymm15, %" A1 ", %" A1 "\n\t"
+
+// The 4-row x 16-column integer micro-kernel over n >= 1 unpacked groups u (128 bytes each) and a
+// packed activation strip a ([group][4][8]), accumulating into acc (int16 lanes, wrapping adds).
+// Assembly because GCC's allocation of the intrinsics version spills two of the eight
+// accumulators. Registers: acc = 8 operands (ymm0-7), weights ymm8-11 (lo0, hi0, lo1, hi1),
+// activations ymm12-13 (4 k broadcast), products ymm14-15.
+// AT&T order: vpmaddubsw act, w, dst = maddubs(w u8, act s8).
+inline void strip4_groups(const uint8_t* u, const int8_t* a, int64_t n, __m256i (&acc)[4][2]) {
+  __asm__ volatile(
+      "1:\n\t"
+      "vmovdqu (%[u]), %%ymm8\n\t"
+      "vmovdqu 32(%[u]), %%ymm9\n\t"
+      "vmovdqu 64(%[u]), %%ymm10\n\t"
+      "vmovdqu 96(%[u]), %%ymm11\n\t"
+      LLMFOLD_MADD_ROW(0, 0, "[c00]", "[c01]")
+      LLMFOLD_MADD_ROW(0, 8, "[c10]", "[c11]")
+      LLMFOLD_MADD_ROW(0, 16, "[c20]", "[c21]")
+      LLMFOLD_MADD_ROW(0, 24, "[c30]", "[c31]")
+      "add $128, %[u]\n\t"
+      "add $32, %[a]\n\t"
+      "dec %[n]\n\t"
+      "jnz 1b\n\t"
+      : [u] "+r"(u), [a] "+r"(a), [n] "+r"(n), [c00] "+x"(acc[0][0]), [c01] "+x"(acc[0][1]),
+        [c10] "+x"(acc[1][0]), [c11] "+x"(acc[1][1]), [c20] "+x"(acc[2][0]), [c21] "+x"(acc[2][1]),
+        [c30] "+x"(acc[3][0]), [c31] "+x"(acc[3][1])
+      :
+      : "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory", "cc");
+}
+
+// strip4_groups for exactly 4 groups (an A8 phase), straight-line: no loop branch per phase.
+inline void strip4_groups4(const uint8_t* u, const int8_t* a, __m256i (&acc)[4][2]) {
 #define LLMFOLD_GROUP4(G)                                   \
   "vmovdqu " #G "*128(%[u]), %%ymm8\n\t"                   \
   "vmovdqu " #G "*128+32(%[u]), %%ymm9\n\t"                \
   "vmovdqu " #G "*128+64(%[u]), %%ymm10\n\t"               \
   "vmovdqu " #G "*128+96(%[u]), %%ymm11\n\t"               \
-  LLMFOLD_ROW4(G, 0, "[c00]", "[c01]")                      \
-  LLMFOLD_ROW4(G, 8, "[c10]", "[c11]")                      \
-  LLMFOLD_ROW4(G, 16, "[c20]", "[c21]")                     \
-  LLMFOLD_ROW4(G, 24, "[c30]", "[c31]")
+  LLMFOLD_MADD_ROW(G, 0, "[c00]", "[c01]")                      \
+  LLMFOLD_MADD_ROW(G, 8, "[c10]", "[c11]")                      \
+  LLMFOLD_MADD_ROW(G, 16, "[c20]", "[c21]")                     \
+  LLMFOLD_MADD_ROW(G, 24, "[c30]", "[c31]")
   __asm__ volatile(
       LLMFOLD_GROUP4(0) LLMFOLD_GROUP4(1) LLMFOLD_GROUP4(2) LLMFOLD_GROUP4(3)
       : [c00] "+x"(acc[0][0]), [c01] "+x"(acc[0][1]), [c10] "+x"(acc[1][0]), [c11] "+x"(acc[1][1]),
@@ -313,7 +304,7 @@ inline void strip4_groups4(const uint8_t* u, const int8_t* a, __m256i (&acc)[4][
       : [u] "r"(u), [a] "r"(a)
       : "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory");
 #undef LLMFOLD_GROUP4
-#undef LLMFOLD_ROW4
+#undef LLMFOLD_MADD_ROW
 }
 
 // Rows m0..m0+R of tile t over blocks [b0, b1). Per block: exact int32 dots, zero-point
