@@ -28,22 +28,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from compiler.analyze import const_array
+from passes._weights import add_weight
 from passes.base import CompilerPass, register_pass
 
 TILE_N = 16
 QMATMUL_INPUTS = ("qweight", "scales", "zero_points", "bias", "channel_shift")
-
-
-def _initializer(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
-    if name in graph.initializers:
-        raise ValueError(f"pack_qkv: initializer {name} already exists")
-    arr = np.ascontiguousarray(arr)
-    tensor = ir.Tensor(arr, name=name)
-    v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(v)
-    return v
 
 
 def _const_inputs(node: ir.Node, first: int = 1) -> list[np.ndarray | None] | None:
@@ -91,12 +83,12 @@ def _why_not(nodes: list[ir.Node], attention: ir.Node) -> str | None:
     return None
 
 
-def _packed_node(graph: ir.Graph, nodes: list[ir.Node], index: int) -> ir.Node:
+def _packed_node(model: ir.Model, nodes: list[ir.Node], index: int) -> ir.Node:
     x = nodes[0].inputs[0]
     base, node_base = f"model.layers.{index}.self_attn.qkv_proj", f"/model/layers.{index}/attn/qkv_proj"
     if nodes[0].op_type == "MatMul":
         W = np.concatenate([_const_inputs(n)[0] for n in nodes], axis=1)
-        return ir.Node("", "MatMul", [x, _initializer(graph, f"{base}.weight", W)], name=f"{node_base}/MatMul")
+        return ir.Node("", "MatMul", [x, add_weight(model, f"{base}.weight", W, W.dtype)], name=f"{node_base}/MatMul")
     consts = [_const_inputs(n) + [None] * (len(QMATMUL_INPUTS) - len(n.inputs) + 1) for n in nodes]
     inputs: list[ir.Value | None] = [x]
     for j, suffix in enumerate(QMATMUL_INPUTS):
@@ -104,9 +96,9 @@ def _packed_node(graph: ir.Graph, nodes: list[ir.Node], index: int) -> ir.Node:
         if arrays[0] is None:
             inputs.append(None)
         elif suffix == "channel_shift":
-            inputs.append(_initializer(graph, f"{base}.{suffix}", arrays[0]))
+            inputs.append(add_weight(model, f"{base}.{suffix}", arrays[0], arrays[0].dtype))
         else:  # tile-major flat arrays (and bias [N]) concatenate along N
-            inputs.append(_initializer(graph, f"{base}.{suffix}", np.concatenate([a.reshape(-1) for a in arrays])))
+            inputs.append(add_weight(model, f"{base}.{suffix}", np.concatenate([a.reshape(-1) for a in arrays]), arrays[0].dtype))
     while inputs[-1] is None:
         inputs.pop()
     N = sum(n.attributes.get_int("N") for n in nodes)
@@ -144,7 +136,7 @@ class PackQKVPass(CompilerPass):
             if reason:
                 skipped[b.index] = reason
                 continue
-            node = _packed_node(graph, qkv, b.index)
+            node = _packed_node(model, qkv, b.index)
             graph.insert_before(qkv[0], node)
             attention.replace_input_with(0, node.outputs[0])
             attention.replace_input_with(1, None)
@@ -152,8 +144,7 @@ class PackQKVPass(CompilerPass):
             for n in qkv:
                 graph.remove(n, safe=True)
             packed += 1
-        for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
-            graph.initializers.pop(name)
+        RemoveUnusedNodesPass()(model)  # the weights the replaced nodes read
         self.ctx.record(packed_blocks=packed, skipped={str(k): v for k, v in sorted(skipped.items())})
         self.ctx.log(f"packed q/k/v of {packed} of {len(structure.blocks)} blocks" + (f"; skipped {len(skipped)} ({next(iter(skipped.values()))})" if skipped else ""))
         return ir.passes.PassResult(model, packed > 0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from compiler.analyze import const_array
 from passes.base import CompilerPass, register_pass
@@ -67,8 +68,7 @@ class QuickGeluSiluPass(CompilerPass):
             count += 1
         if count:
             model.opset_imports.setdefault("com.microsoft", 1)
-        for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
-            graph.initializers.pop(name)
+        RemoveUnusedNodesPass()(model)  # the weights the replaced nodes read
         self.ctx.record(silu_nodes=count)
         self.ctx.log(f"{count} SiLUs became QuickGelu nodes")
         return ir.passes.PassResult(model, count > 0)
