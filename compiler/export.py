@@ -17,7 +17,7 @@ The math, per block i (x: residual stream [B,T,D]; rows are tokens; W initialize
                accumulation) — 1 node instead of 8, which is what a decode step pays for
                (ORT costs a few µs per node); measured on SmolLM2 it is as close to transformers
                as the float64 chain (see test_smollm2_logits_match_transformers)
-    attention  q = n·Wq, k = n·Wk, v = n·Wv  (three MatMuls sharing n)
+    attention  q = n·Wq, k = n·Wk, v = n·Wv  (three MatMuls sharing n; one packed in "fused")
                rope(z) = z·cos[p] + rotate_half(z)·sin[p], rotate_half([a, b]) = [−b, a]
                K = concat(past_k, rope(k)), V = concat(past_v, v)       (→ present.{i}.*)
                P = Softmax(q·Kᵀ · head_dim^−½ + M)  over [B, H, T, S],
@@ -37,10 +37,18 @@ dot products are the same. float32-min masking (as transformers) keeps fully pad
 Attention layouts (`export(..., attention=...)`, recorded as "attention" in llmfold.json):
 
 * "explicit": the standard ops above (rope with Split/Neg/Concat, Softmax visible to passes).
-* "fused": RMSNorms are RMSNormalization nodes; per block q/k/v stay three MatMuls with
-  initializer weights, feeding ONE com.microsoft.GroupQueryAttention node `/model/layers.{i}/attn/GroupQueryAttention`
+* "fused": RMSNorms are RMSNormalization nodes (residual adds stay apart: ORT's
+  SkipSimplifiedLayerNormalization, which fuses them, moved SmolLM2's logits to 2.4e-4 from
+  float64 transformers, 2.9× transformers' own fp32 error — quantized recipes fuse them with the
+  `skip_norm` pass); per block q/k/v are ONE MatMul
+  `/model/layers.{i}/attn/qkv_proj/MatMul` with weight `model.layers.{i}.self_attn.qkv_proj.weight`
+  = [Wq | Wk | Wv] (columns concatenated: the same dot products, one launch instead of three —
+  what a decode step pays for), feeding GroupQueryAttention's packed `query` input, which splits
+  it by definition into columns [0, H·hd), [H·hd, (H+KV)·hd), [(H+KV)·hd, (H+2KV)·hd) (the layer
+  map records these ranges; passes that rewrite linears get q/k/v split back exactly, see
+  passes/pack.py). ONE com.microsoft.GroupQueryAttention node `/model/layers.{i}/attn/GroupQueryAttention`
   (num_heads=H, kv_num_heads=KV, do_rotary=1, rotary_interleaved=0, scale=head_dim^−½):
-      inputs  q, k, v [B,T,·], past_key_values.{i}.key/value, seqlens_k, total_sequence_length,
+      inputs  qkv [B,T,(H+2KV)·hd], "", "", past_key_values.{i}.key/value, seqlens_k, total_sequence_length,
               cos_cache, sin_cache, "" (position_ids), attention_bias
       outputs `/model/layers.{i}/attn/GroupQueryAttention/output_0` [B,T,H·hd] (→ o MatMul),
               present.{i}.key, present.{i}.value (BNSH, as in the explicit layout)
@@ -90,8 +98,8 @@ INT64_MAX = int(np.iinfo(np.int64).max)
 ATTENTION_LAYOUTS = ("fused", "explicit")
 DEFAULT_ATTENTION = "fused"
 # llmfold.json "graph_version": bumped when the exported graph's form changes (2: RMSNormalization
-# in the fused layout), so cached exports (make demo) are rebuilt
-GRAPH_VERSION = 2
+# in the fused layout, 3: packed q/k/v in the fused layout), so cached exports are rebuilt
+GRAPH_VERSION = 3
 # names in the fused layout (other passes and tools look them up)
 GQA_COS_CACHE = "model.rotary_emb.cos_cache"  # [max_pos, head_dim/2]
 GQA_SIN_CACHE = "model.rotary_emb.sin_cache"
@@ -334,15 +342,18 @@ def build_graph(state: dict[str, np.ndarray], dims: LlamaDims, cos: np.ndarray, 
         graph_inputs += [past_k, past_v]
 
         h = rms_norm(x, f"{w}.input_layernorm.weight", f"{p}/input_layernorm")
-        q = linear(h, f"{w}.self_attn.q_proj.weight", f"{p}/attn/q_proj/MatMul")
-        k = linear(h, f"{w}.self_attn.k_proj.weight", f"{p}/attn/k_proj/MatMul")
-        v = linear(h, f"{w}.self_attn.v_proj.weight", f"{p}/attn/v_proj/MatMul")
         if fused:
-            ctx_btd, present_k, present_v = gqa(i, p, q, k, v, past_k, past_v)
+            # one MatMul for [q | k | v] feeding GQA's packed input (see the module docstring)
+            qkv_w = np.concatenate([state[f"{w}.self_attn.{r}_proj.weight"] for r in "qkv"], axis=0)  # [N, K]
+            qkv = g.op("MatMul", [h, g.initializer(f"{w}.self_attn.qkv_proj.weight", qkv_w.T)], f"{p}/attn/qkv_proj/MatMul")
+            ctx_btd, present_k, present_v = gqa(i, p, qkv, None, None, past_k, past_v)
             present_k.type, present_k.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(present_dims)
             present_v.type, present_v.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(present_dims)
             graph_outputs += [present_k, present_v]
         else:
+            q = linear(h, f"{w}.self_attn.q_proj.weight", f"{p}/attn/q_proj/MatMul")
+            k = linear(h, f"{w}.self_attn.k_proj.weight", f"{p}/attn/k_proj/MatMul")
+            v = linear(h, f"{w}.self_attn.v_proj.weight", f"{p}/attn/v_proj/MatMul")
             perm = {"perm": [0, 2, 1, 3]}
             q4 = g.op("Transpose", [g.op("Reshape", [q, shape_bthd_q], f"{p}/attn/q_heads/Reshape")], f"{p}/attn/q_heads/Transpose", attrs=perm)
             k4 = g.op("Transpose", [g.op("Reshape", [k, shape_bthd_kv], f"{p}/attn/k_heads/Reshape")], f"{p}/attn/k_heads/Transpose", attrs=perm)

@@ -158,7 +158,8 @@ def _structure_matches(st, model) -> bool:
             if w is None or w.shape is None:
                 return False
             shape = list(w.shape)
-            if lin.role != "lm_head" and shape != [lin.K, lin.N]:
+            expected = [lin.K, lin.N] if lin.columns is None else [lin.K, shape[-1]]  # packed: a column range
+            if lin.role != "lm_head" and (shape != expected or (lin.columns and lin.columns[1] > shape[-1])):
                 return False
     return True
 

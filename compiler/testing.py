@@ -256,11 +256,21 @@ def files_digest(directory) -> dict[str, str]:
     return out
 
 
+def compile_recipe_text(src, tmp, name: str, text: str) -> Path:
+    """Compile model directory `src` into tmp/name with the recipe TOML `text` (quietly)."""
+    from compiler.driver import compile_model
+
+    recipe = Path(tmp) / f"{name}.toml"
+    recipe.write_text(text)
+    return compile_model(src, Path(tmp) / name, recipe=str(recipe), progress=False)
+
+
 def write_json(path, obj) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 __all__ = [
+    "compile_recipe_text",
     "make_tiny_llama",
     "make_tiny_export",
     "make_tiny_tokenizer",

@@ -8,6 +8,7 @@
     token_prune  Agile-Quant token pruning in the prefill
     pack_qkv     one q/k/v linear per block for GroupQueryAttention's packed input (run last)
     silu_op      SiLU as one QuickGelu node (approximate; for quantized recipes, run last)
+    skip_norm    residual add + RMSNorm as one SkipSimplifiedLayerNormalization node (run last)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import importlib
 
 from passes.base import REGISTRY, CompilerPass, make_params, register_pass
 
-for _module in ("cleanup", "int4", "svd", "affine", "rotate", "token_prune", "pack", "silu"):
+for _module in ("cleanup", "int4", "svd", "affine", "rotate", "token_prune", "pack", "silu", "skip_norm"):
     try:
         importlib.import_module(f"passes.{_module}")
     except ModuleNotFoundError as e:  # a method not written yet is simply not registered

@@ -16,6 +16,12 @@ of linear-layer inputs with `self.ctx.input_stats(model, [value names])`. When i
 layer's input exactly (X' = X·A) it hands the derived statistics on with `ctx.set_stats`;
 otherwise it calls `ctx.invalidate_stats` and later passes get them re-collected on the
 transformed graph. `ctx.record(...)` adds what the pass did to llmfold.json.
+
+The fused export packs each block's q/k/v into one MatMul, and recipes end with runtime-layout
+passes (pack_qkv, skip_norm, silu_op). A pass sees the plain layout — three q/k/v MatMuls, Add
++ RMSNormalization — unless it sets `needs_plain_layout = False`: before it runs,
+`to_plain_layout` splits packed q/k/v (exact: the same dot products) and fused residual norms
+(same math, float rounding) back (passes/pack.py `unpack_qkv`, passes/skip_norm.py).
 """
 
 from __future__ import annotations
@@ -50,8 +56,32 @@ class CompilerPass(ir.passes.InPlacePass):
         self.ctx = ctx
         self.params = params if params is not None else self.Params()
 
+    needs_plain_layout: ClassVar[bool] = True
+
+    def __call__(self, model_or_result, /) -> ir.passes.PassResult:
+        model = model_or_result.model if isinstance(model_or_result, ir.passes.PassResult) else model_or_result
+        changed = self.needs_plain_layout and to_plain_layout(model, self.ctx)
+        result = super().__call__(model)
+        return ir.passes.PassResult(result.model, True) if changed else result
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def to_plain_layout(model: ir.Model, ctx: "CompileContext") -> bool:
+    """Split packed q/k/v and fused residual norms back into the plain layout; changed?"""
+    from passes.pack import unpack_qkv
+    from passes.skip_norm import unfuse_skip_norms
+
+    norms = unfuse_skip_norms(model.graph)
+    if norms:
+        ctx.invalidate_structure()
+    blocks = unpack_qkv(model, ctx.structure(model))
+    if blocks:
+        ctx.invalidate_structure()
+    if norms or blocks:
+        ctx.log(f"plain layout for the next pass: {blocks} packed q/k/v split, {norms} fused residual norms split")
+    return bool(norms or blocks)
 
 
 def register_pass(cls: type[CompilerPass]) -> type[CompilerPass]:

@@ -15,6 +15,7 @@ from passes.base import CompilerPass, register_pass
 class CleanupPass(CompilerPass):
     name = "cleanup"
     description = "remove dead nodes and unused initializers"
+    needs_plain_layout = False
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = len(model.graph) + len(model.graph.initializers)

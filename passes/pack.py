@@ -22,6 +22,11 @@ Skipped, with the reason recorded: q/k/v that are low-rank pairs or of different
 quantization settings, a q/k feeding anything but the attention node (e.g. token pruning's
 RotaryEmbedding), widths that are not whole tiles. Run it last: the layer map then records
 q/k/v as column ranges of one weight, which the other passes do not rewrite.
+
+`unpack_qkv` is the inverse for a dense packed MatMul (the fused export writes q/k/v packed):
+W's column ranges become three MatMuls with the export's q/k/v names feeding the attention's
+separate inputs — again the same dot products, so exact. Every pass that rewrites linears gets
+separate q/k/v this way before it runs (CompilerPass.needs_plain_layout).
 """
 
 from __future__ import annotations
@@ -106,10 +111,45 @@ def _packed_node(model: ir.Model, nodes: list[ir.Node], index: int) -> ir.Node:
     return ir.Node("llmfold", "QMatMul", inputs, attributes=attrs, name=f"{node_base}/QMatMul")
 
 
+def unpack_qkv(model: ir.Model, structure) -> int:
+    """Split every dense packed q/k/v MatMul feeding GroupQueryAttention into q, k, v (exact).
+
+    Returns how many blocks were unpacked. Packed QMatMuls (a compiled model) are left alone.
+    """
+    graph = model.graph
+    by_name = {n.name: n for n in graph}
+    unpacked = 0
+    for b in structure.blocks:
+        lins = (b.q, b.k, b.v)
+        if b.attention_kind != "GroupQueryAttention" or len({lin.node for lin in lins}) != 1 or b.q.columns is None:
+            continue
+        node, attention = by_name[b.q.node], by_name[b.attention]
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or attention.inputs[0] is not node.outputs[0]:
+            continue
+        W = const_array(node.inputs[1])
+        uses = list(node.outputs[0].uses())
+        if W is None or W.ndim != 2 or len(uses) != 1 or node.outputs[0].is_graph_output():
+            continue
+        for j, (lin, role) in enumerate(zip(lins, ("q", "k", "v"))):
+            start, stop = lin.columns
+            name = f"/model/layers.{b.index}/attn/{role}_proj/MatMul"
+            weight = add_weight(model, f"model.layers.{b.index}.self_attn.{role}_proj.weight", W[:, start:stop], W.dtype)
+            part = ir.Node("", "MatMul", [node.inputs[0], weight], name=name)
+            part.outputs[0].name = f"{name}/output_0"
+            graph.insert_before(node, part)
+            attention.replace_input_with(j, part.outputs[0])
+        graph.remove(node, safe=True)
+        unpacked += 1
+    if unpacked:
+        RemoveUnusedNodesPass()(model)  # the packed weight
+    return unpacked
+
+
 @register_pass
 class PackQKVPass(CompilerPass):
     name = "pack_qkv"
     description = "one q/k/v linear per block feeding GroupQueryAttention's packed input (exact)"
+    needs_plain_layout = False
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         structure = self.ctx.structure(model)

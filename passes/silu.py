@@ -51,6 +51,7 @@ def _silu_nodes(div: ir.Node) -> list[ir.Node] | None:
 class QuickGeluSiluPass(CompilerPass):
     name = "silu_op"
     description = "SiLU z/(1+exp(−z)) as one com.microsoft.QuickGelu(alpha=1) node (≈1e-7 abs error on σ)"
+    needs_plain_layout = False
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -45,12 +45,19 @@ def test_our_export(tiny_layout_dir):
         assert b.post_attention_norm.weight == f"model.layers.{b.index}.post_attention_layernorm.weight"
         assert b.attention_residual_add == f"/model/layers.{b.index}/attn_residual/Add"
         assert b.mlp_residual_add == f"/model/layers.{b.index}/mlp_residual/Add"
+        packed_columns = {"q": [0, 64], "k": [64, 96], "v": [96, 128]} if fused else {}
         for role in LINEAR_ROLES:
             lin = getattr(b, role)
             assert lin.role == role and lin.block == b.index and lin.name == f"layers.{b.index}.{role}"
-            assert lin.weight == f"model.layers.{b.index}.{hf_names[role]}.weight"
-            assert (lin.K, lin.N) == shapes[role] == inits[lin.weight].const_value.shape
-            assert lin.kind == "dense" and lin.nodes == [lin.node] and lin.columns is None
+            assert lin.kind == "dense" and lin.nodes == [lin.node] and lin.columns == packed_columns.get(role)
+            assert (lin.K, lin.N) == shapes[role]
+            if role in packed_columns:  # the fused export packs q/k/v into one MatMul
+                assert lin.weight == f"model.layers.{b.index}.self_attn.qkv_proj.weight"
+                assert lin.node == f"/model/layers.{b.index}/attn/qkv_proj/MatMul"
+                assert inits[lin.weight].const_value.shape == (64, 128)
+            else:
+                assert lin.weight == f"model.layers.{b.index}.{hf_names[role]}.weight"
+                assert shapes[role] == inits[lin.weight].const_value.shape
         # linear inputs are the values calibration must tap
         assert b.q.input == b.k.input == b.v.input == b.input_norm.output
         assert b.gate.input == b.up.input == b.post_attention_norm.output
@@ -135,7 +142,10 @@ def _replace_with_qmatmul(model: ir.Model, node_name: str) -> None:
 
 
 def test_low_rank_and_int4_linears_are_recognized(tiny_model_dir):
+    from passes.pack import unpack_qkv
+
     model = _load(tiny_model_dir)
+    unpack_qkv(model, analyze(model))  # separate q/k/v, as every linear-rewriting pass sees them
     _replace_with_low_rank(model, "/model/layers.0/mlp/down_proj/MatMul", rank=16)
     _replace_with_low_rank(model, "/model/layers.1/attn/k_proj/MatMul", rank=8)
     _replace_with_qmatmul(model, "/model/layers.1/attn/q_proj/MatMul")

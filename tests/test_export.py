@@ -142,9 +142,12 @@ def test_fused_layout_is_one_group_query_attention_per_block(tiny_fused_dir, tin
         assert (a["num_heads"].value, a["kv_num_heads"].value, a["do_rotary"].value, a["rotary_interleaved"].value) == (4, 2, 1, 0)
         assert a["scale"].value == pytest.approx(16 ** -0.5)
         names = [v.name if v is not None else "" for v in node.inputs]
-        assert names[0] == f"/model/layers.{i}/attn/q_proj/MatMul/output_0"
-        assert names[1] == f"/model/layers.{i}/attn/k_proj/MatMul/output_0"
-        assert names[2] == f"/model/layers.{i}/attn/v_proj/MatMul/output_0"
+        # q/k/v packed: one MatMul whose weight is [Wq | Wk | Wv], GQA's key/value inputs empty
+        assert names[0:3] == [f"/model/layers.{i}/attn/qkv_proj/MatMul/output_0", "", ""]
+        packed = inits[f"model.layers.{i}.self_attn.qkv_proj.weight"].const_value.numpy()
+        ei = explicit.graph.initializers
+        separate = [ei[f"model.layers.{i}.self_attn.{r}_proj.weight"].const_value.numpy() for r in "qkv"]
+        assert np.array_equal(packed, np.concatenate(separate, axis=1))
         assert names[3:] == [f"past_key_values.{i}.key", f"past_key_values.{i}.value", GQA_SEQLENS_K,
                              GQA_TOTAL_SEQ_LEN, GQA_COS_CACHE, GQA_SIN_CACHE, "", GQA_ATTENTION_BIAS]
         assert [o.name for o in node.outputs] == [f"{node.name}/output_0", f"present.{i}.key", f"present.{i}.value"]
@@ -155,7 +158,7 @@ def test_fused_layout_is_one_group_query_attention_per_block(tiny_fused_dir, tin
     assert cos.shape == (256, 8) and np.array_equal(cos, full[:, :8])
     assert inits[GQA_SIN_CACHE].const_value.shape == (256, 8)
     for name, init in explicit.graph.initializers.items():
-        if name.endswith(".weight"):
+        if name.endswith(".weight") and not any(f"self_attn.{r}_proj." in name for r in "qkv"):  # packed above
             assert np.array_equal(inits[name].const_value.numpy(), init.const_value.numpy()), name
 
 

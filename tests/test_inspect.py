@@ -47,7 +47,8 @@ def test_json_report_of_a_model_dir(tiny_model_dir, capsys):
     assert names[:2] == ["input_ids", "attention_mask"] and "past_key_values.0.key" in names
     assert rep["inputs"][0]["dtype"] == "int64" and len(rep["inputs"][0]["shape"]) == 2
     assert "logits" in [v["name"] for v in rep["outputs"]]
-    assert rep["ops"]["MatMul"] >= 7 * L + 1 and rep["nodes"] == sum(rep["ops"].values())
+    assert rep["ops"]["MatMul"] == 5 * L + 1 and rep["nodes"] == sum(rep["ops"].values())  # q/k/v packed
+    assert [r["packed_columns"] for r in rows[:3]] == [[0, H], [H, H + kv], [H + kv, H + 2 * kv]]
     assert rep["opsets"].get("", rep["opsets"].get("ai.onnx")) is not None
     fp32 = rep["initializers_by_dtype"]["float32"]
     assert fp32["bytes"] == 4 * fp32["parameters"]

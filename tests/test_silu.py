@@ -8,18 +8,13 @@ import numpy as np
 import onnx_ir as ir
 
 from compiler import runtime
-from compiler.driver import compile_model
+from compiler.testing import compile_recipe_text
 
-
-def _compile(src, tmp, name, text):
-    recipe = tmp / f"{name}.toml"
-    recipe.write_text(text)
-    return compile_model(src, tmp / name, recipe=str(recipe), progress=False)
 
 
 def test_silu_becomes_quickgelu_with_close_logits(tiny_layout_dir, tmp_path):
-    plain = _compile(tiny_layout_dir, tmp_path, "plain", '[[pass]]\nname = "cleanup"\n')
-    fused = _compile(tiny_layout_dir, tmp_path, "fused", '[[pass]]\nname = "silu_op"\n')
+    plain = compile_recipe_text(tiny_layout_dir, tmp_path, "plain", '[[pass]]\nname = "cleanup"\n')
+    fused = compile_recipe_text(tiny_layout_dir, tmp_path, "fused", '[[pass]]\nname = "silu_op"\n')
     ops = [n.op_type for n in ir.load(fused / "model.onnx").graph]
     before = [n.op_type for n in ir.load(plain / "model.onnx").graph]
     assert ops.count("QuickGelu") == 2 and ops.count("Exp") == 0 and len(ops) == len(before) - 2 * 3
