@@ -16,7 +16,6 @@ SKIP = '[[pass]]\nname = "skip_norm"\n'
 INT4 = '[[pass]]\nname = "int4"\nalgorithm = "rtn"\nblock_size = 32\nact_bits = 8\n'
 
 
-
 def _ops(model: ir.Model) -> list[str]:
     return [n.op_type for n in model.graph]
 
