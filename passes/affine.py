@@ -64,12 +64,22 @@ Learning (per block, in order; the paper's recipe with this compiler's quantizer
   over W runs over every reader of the channel) on every diagonal (also the v→o diagonal,
   pooled over the query heads of a kv group), off-diagonals 0. `init = "identity"` starts
   from A = I.
-* AdamW over `epochs` passes of `samples` windows of `seq_len` tokens, `batch` windows a step.
-  A non-finite loss rolls the block back to its last good state (logged and recorded) and ends
-  that block's learning. If the learned transforms do not lower the loss on the learning samples
-  below the initialization's, the initialization is kept (recorded as kept_init). Only one
-  block's activations (fp input, quantized input, fp target)
-  are held at a time.
+* AdamW over `epochs` passes of the training windows (`samples` windows of `seq_len` tokens,
+  less the held-out ones), `batch` windows a step.
+* Keep-best on held-out windows: the last round(holdout·samples) windows are never trained on;
+  the block's loss on them is evaluated for the initialization and after every epoch, and the
+  block keeps the best of these transforms (the initialization wins ties), logged as "kept the
+  initialization" / "kept epoch e". The identity (no transform) is a candidate as well
+  (`keep_identity`, logged "kept the identity"): the SmoothQuant scales do not help every block.
+  So learning never returns a block whose held-out loss is above its initialization's (or the
+  identity's). With `epochs = 0` nothing is fitted and the init/identity choice uses every
+  window. Reason: at the budgets this 2-core machine affords (a few
+  thousand tokens per block) learning over-fits the learning windows — in an earlier torch
+  simulation (RTN W4A4, 1 epoch of 8×128 tokens) learned transforms gave 70× fp32 perplexity
+  against the initialization's 27×. `holdout = 0` selects on the learning windows instead.
+  A non-finite loss rolls the block back to its last good state (logged and recorded), ends
+  that block's learning, and that state competes with the best so far. Only one block's
+  activations (fp input, quantized input, fp target) are held at a time.
 
 Folding and hand-off. After a block is learned its transforms are folded into the graph with
 float64 arithmetic; A is re-checked (finite, diagonally dominant, ‖A·A⁻¹ − I‖ small) before any
@@ -109,6 +119,8 @@ class AffineParams:
     symmetric: bool = True  # as int4's symmetric
     epochs: int = 5  # 0: fold the initialization (SmoothQuant scales) without learning
     samples: int = 32  # calibration windows used for learning
+    holdout: float = 0.25  # fraction of `samples` held out to pick the best epoch (keep-best); 0: none
+    keep_identity: bool = True  # the identity (no transform) is a keep-best candidate too
     seq_len: int = 256  # tokens per window (≤ the recipe's calibration seq_len)
     batch: int = 2  # windows per optimizer step
     lr: float = 5e-3  # transforms (log-scales of diagonals, entries of v→o blocks)
@@ -142,6 +154,8 @@ class AffineParams:
         for key in ("samples", "seq_len", "batch"):
             if getattr(self, key) < 1:
                 raise bad(key, f"must be at least 1, got {getattr(self, key)}")
+        if not (math.isfinite(self.holdout) and 0 <= self.holdout < 1):
+            raise bad("holdout", f"must be in [0, 1), got {self.holdout}")
         for key in ("lr", "lwc_lr"):
             v = getattr(self, key)
             if not (math.isfinite(v) and 0 < v <= 1):
@@ -806,26 +820,48 @@ class BlockLearner:
         p = dataclasses.replace(self.p, qkv=False, gate_up=False, down=False, vo="off", qk=False)
         return BlockTransform(self.bw, self.cfg, p)
 
+    def split(self, S: int) -> tuple[slice, slice]:
+        """(training windows, held-out windows): the last round(holdout·S) windows (at least one
+        when holdout > 0 and S ≥ 2) are held out; with no held-out window both are all of them."""
+        h = 0
+        if self.p.holdout > 0 and S >= 2:
+            h = min(S - 1, max(1, round(self.p.holdout * S)))
+        if h == 0:
+            return slice(0, S), slice(0, S)
+        return slice(0, S - h), slice(S - h, S)
+
     def learn(self, x_fp, x_q, y, advance=lambda n=1, info="": None) -> dict:
-        """Learn on fp inputs x_fp (for the init statistics), quantized inputs x_q and targets y."""
+        """Learn on fp inputs x_fp (for the init statistics), quantized inputs x_q and targets y.
+
+        Keep-best: the windows are split into training and held-out ones (`split`). The loss of
+        the transformed, fake-quantized block on the held-out windows is evaluated for the
+        initialization and after every epoch; the block ends with the transforms of the best of
+        these (ties keep the earlier one, so the initialization wins a tie). Learning can
+        therefore never return a block whose held-out loss is above its initialization's."""
         import torch
 
         p = self.p
         init = smoothquant_init(self.bw, self.cfg, self.activation_amax(x_fp), p) if p.init == "smoothquant" else None
         self.tr = BlockTransform(self.bw, self.cfg, p, init)
-        loss_identity = self.eval_loss(x_q, y, self.identity_transform())
+        # nothing is fitted without epochs: the choice init/identity then uses every window
+        tr_sl, ho_sl = self.split(len(x_q)) if p.epochs else (slice(0, len(x_q)),) * 2
+        xt, yt, xh, yh = x_q[tr_sl], y[tr_sl], x_q[ho_sl], y[ho_sl]
+        loss_identity = self.eval_loss(xh, yh, self.identity_transform())
         if p.mask == "gradual":
             self.tr.band = 0
-        loss_init = self.eval_loss(x_q, y)
+        loss_init = self.eval_loss(xh, yh)
         self._init_state = self.tr.state()
+        self.heldout = [loss_init]  # held-out loss after epoch 0 (init), 1, 2, ...
+        best = (loss_init, 0, self._init_state, self.tr.band)
+        steps = 0
+        if p.epochs == 0:
+            return self._summary(loss_identity, loss_init, best, steps)
         groups = [{"params": self.tr.transform_params(), "lr": p.lr}]
         if self.tr.clip_params():
             groups.append({"params": self.tr.clip_params(), "lr": p.lwc_lr})
         opt = torch.optim.AdamW(groups, weight_decay=p.weight_decay)
         good = self.tr.state()
-        S = len(x_q)
-        steps = 0
-        last = float("nan")
+        S = len(xt)
         for epoch in range(1, p.epochs + 1):
             if p.mask == "gradual":
                 self.tr.band = gradual_band(epoch, p.epochs, self.cfg["hd"])
@@ -833,34 +869,59 @@ class BlockLearner:
             for i in range(0, S, p.batch):
                 idx = torch.as_tensor(order[i : i + p.batch])
                 opt.zero_grad(set_to_none=True)
-                loss = self.loss(x_q[idx], y[idx])
+                loss = self.loss(xt[idx], yt[idx])
                 if not torch.isfinite(loss):
                     self.tr.load_state(good)
                     self.rolled_back = True
                     self.log(f"non-finite loss at epoch {epoch}, step {steps}: rolled the block back to its last good transforms")
                     advance(0, info="rolled back")
-                    return self._summary(loss_identity, loss_init, x_q, y, steps)
+                    # the last good transforms compete with the best so far on held-out data
+                    h = self.eval_loss(xh, yh)
+                    self.heldout.append(h)
+                    if math.isfinite(h) and h < best[0]:
+                        best = (h, epoch, self.tr.state(), self.tr.band)
+                    return self._summary(loss_identity, loss_init, best, steps)
                 loss.backward()
                 opt.step()
                 self.enforced_rows += self.tr.enforce()
                 steps += 1
-                last = float(loss.detach())
                 if all(torch.isfinite(t).all() for t in self.tr.state().values()):
                     good = self.tr.state()
-                advance(1, info=f"loss {last:.4g}")
-        return self._summary(loss_identity, loss_init, x_q, y, steps)
+                advance(1, info=f"loss {float(loss.detach()):.4g}")
+            h = self.eval_loss(xh, yh)
+            self.heldout.append(h)
+            if math.isfinite(h) and h < best[0]:
+                best = (h, epoch, self.tr.state(), self.tr.band)
+        return self._summary(loss_identity, loss_init, best, steps)
 
-    def _summary(self, loss_identity, loss_init, x_q, y, steps) -> dict:
-        final = self.eval_loss(x_q, y)
-        kept_init = not (final <= loss_init)  # also when final is not finite
-        if kept_init and steps:
-            self.tr.load_state(self._init_state)
-            self.log(f"learned loss {final:.4g} is not below the initialization's {loss_init:.4g}: kept the initialization")
-            final = loss_init
+    def identity_state(self) -> dict:
+        """The state whose transforms are all the identity (the initialization's clipping)."""
+        state = {k: v.clone() for k, v in self._init_state.items()}
+        for k in ("u_qkv", "u_gu", "u_down", "vo_off", "vo_u", "qk_logc", "qk_phi"):
+            if k in state:
+                state[k].zero_()
+        if "vo_d" in state:
+            state["vo_d"].fill_(1.0)
+        return state
+
+    def _summary(self, loss_identity, loss_init, best, steps) -> dict:
+        loss_best, epoch_best, state, band = best
+        if self.p.keep_identity and math.isfinite(loss_identity) and loss_identity < loss_best:
+            # no transform at all beats every candidate (e.g. SmoothQuant scales that hurt)
+            loss_best, epoch_best, state = loss_identity, -1, self.identity_state()
+        self.tr.load_state(state)
+        self.tr.band = band
+        kept_init = epoch_best == 0
+        kept = {0: "the initialization", -1: "the identity (no transform)"}.get(epoch_best, f"epoch {epoch_best}")
+        if steps or epoch_best == -1:
+            held = " → ".join(f"{h:.4g}" for h in self.heldout)
+            self.log(f"held-out loss identity {loss_identity:.4g}, per epoch (0 = init): {held}; kept {kept}")
         return {
             "loss_identity": loss_identity,
             "loss_init": loss_init,
-            "loss_final": final,
+            "loss_final": loss_best,
+            "heldout_per_epoch": list(self.heldout),
+            "kept_epoch": epoch_best,
             "steps": steps,
             "kept_init": bool(kept_init and steps),
             "rolled_back": self.rolled_back,
@@ -996,7 +1057,6 @@ class AffinePass(CompilerPass):
         if np.abs(x_fp[:1].numpy() - xin0).max() > p.check_tolerance * max(1.0, float(np.abs(xin0).max())):
             raise UserError("affine: the embedding output differs from the ONNX graph's first block input; this graph is not a plain Llama")
         x_q = x_fp.clone()
-        steps = p.epochs * -(-p.samples // p.batch)
         blocks_info = []
         t_all = time.perf_counter()
         for b in s.blocks:
@@ -1004,7 +1064,8 @@ class AffinePass(CompilerPass):
             bw = BlockWeights.from_graph(model, b)
             learner = BlockLearner(bw, cfg, p, self.ctx.rng("affine", b.index), log=self.ctx.log)
             y = learner.targets(x_fp)
-            with self.ctx.progress(f"affine block {b.index}", total=steps) as advance:
+            n_train = learner.split(len(x_q))[0].stop
+            with self.ctx.progress(f"affine block {b.index}", total=p.epochs * -(-n_train // p.batch)) as advance:
                 info = learner.learn(x_fp, x_q, y, advance)
             if learner.rolled_back:
                 self.ctx.log(f"block {b.index}: rolled back to its last good transforms")
@@ -1015,8 +1076,8 @@ class AffinePass(CompilerPass):
             info.update(block=b.index, folded=folded, seconds=round(time.perf_counter() - t0, 2))
             blocks_info.append({k: (round(v, 6) if isinstance(v, float) else v) for k, v in info.items()})
             self.ctx.log(
-                f"block {b.index}: loss identity {info['loss_identity']:.4g} → init {info['loss_init']:.4g} → "
-                f"learned {info['loss_final']:.4g} ({info['seconds']:.1f} s)"
+                f"block {b.index}: held-out loss identity {info['loss_identity']:.4g} → init {info['loss_init']:.4g} → "
+                f"kept {info['loss_final']:.4g} (epoch {info['kept_epoch']}) ({info['seconds']:.1f} s)"
             )
         lm_info = None
         if p.lm_head and p.act_bits < 16 and s.final_norm is not None and s.lm_head is not None and s.lm_head.kind == "dense":

@@ -67,11 +67,16 @@ def _random_fold(model, s, which: str, rng, broken: bool = False):
 def test_fold_is_exact(tiny_layout_dir, tmp_path, which):
     from compiler.analyze import analyze
     from compiler.modeldir import open_model_dir
+    from passes.base import to_plain_layout
 
     ids = sample_ids()
     base = open_model_dir(tiny_layout_dir).load_model()
     before = graph_logits(base, tmp_path, ids)
+    # the folds work on the plain layout the pass sees (passes/base.py splits packed q/k/v and
+    # fused residual norms exactly before every pass)
+    to_plain_layout(base, make_ctx(tiny_layout_dir))
     model = open_model_dir(tiny_layout_dir).load_model()
+    to_plain_layout(model, make_ctx(tiny_layout_dir))
     s = analyze(model)
     _random_fold(model, s, which, np.random.default_rng(7))
     w_changed = max(
@@ -83,15 +88,15 @@ def test_fold_is_exact(tiny_layout_dir, tmp_path, which):
 
 
 @pytest.mark.parametrize("which", FOLDS)
-def test_non_exact_variant_is_detected(tiny_model_dir, tmp_path, which):
+def test_non_exact_variant_is_detected(tiny_explicit_dir, tmp_path, which):
     """Controls: a wrong fold (general matrix through RoPE, norm weight not divided, ...) changes
     the logits far beyond the tolerance, so the exactness tests above can fail."""
     from compiler.analyze import analyze
     from compiler.modeldir import open_model_dir
 
     ids = sample_ids()
-    before = graph_logits(open_model_dir(tiny_model_dir).load_model(), tmp_path, ids)
-    model = open_model_dir(tiny_model_dir).load_model()
+    before = graph_logits(open_model_dir(tiny_explicit_dir).load_model(), tmp_path, ids)
+    model = open_model_dir(tiny_explicit_dir).load_model()
     _random_fold(model, analyze(model), which, np.random.default_rng(7), broken=True)
     assert max_diff(before, graph_logits(model, tmp_path, ids)) > 1e-2
 
@@ -101,9 +106,11 @@ def test_torch_block_equals_onnx_block(tiny_layout_dir):
 
     from compiler.modeldir import open_model_dir
     from passes.affine import BlockWeights, block_forward, fp_weights, onnx_block_io, rope_tables
+    from passes.base import to_plain_layout
 
     model = open_model_dir(tiny_layout_dir).load_model()
     ctx = make_ctx(tiny_layout_dir)
+    to_plain_layout(model, ctx)  # what the pass sees (passes/base.py): separate q/k/v, unfused norms
     s = ctx.structure(model)
     ids = sample_ids(shape=(1, 40))
     io = onnx_block_io(ctx, model, s, ids)
@@ -246,12 +253,12 @@ def test_safe_inverse_refuses_singular_and_nonfinite():
         safe_inverse(np.array([[np.nan, 0.0], [0.0, 1.0]]))
 
 
-def test_fold_block_rejects_a_bad_transform_and_leaves_the_graph_unchanged(tiny_model_dir):
+def test_fold_block_rejects_a_bad_transform_and_leaves_the_graph_unchanged(tiny_explicit_dir):
     from compiler.analyze import analyze
     from compiler.modeldir import open_model_dir
     from passes.affine import fold_block
 
-    model = open_model_dir(tiny_model_dir).load_model()
+    model = open_model_dir(tiny_explicit_dir).load_model()
     s = analyze(model)
     b = s.blocks[0]
     before = {lin.weight: model.graph.initializers[lin.weight].const_value.numpy().copy() for lin in b.linears()}
@@ -271,14 +278,14 @@ def test_fold_block_rejects_a_bad_transform_and_leaves_the_graph_unchanged(tiny_
 # ----------------------------------------------------------------------------------------------
 # learning
 # ----------------------------------------------------------------------------------------------
-def _learner_inputs(tiny_model_dir, p, n=4, T=32):
+def _learner_inputs(tiny_explicit_dir, p, n=4, T=32):
     import torch
 
     from compiler.modeldir import open_model_dir
     from passes.affine import BlockLearner, BlockWeights, rope_tables
 
-    model = open_model_dir(tiny_model_dir).load_model()
-    ctx = make_ctx(tiny_model_dir)
+    model = open_model_dir(tiny_explicit_dir).load_model()
+    ctx = make_ctx(tiny_explicit_dir)
     s = ctx.structure(model)
     cos, sin = rope_tables(model, s, T)
     cfg = {"H": s.num_heads, "KV": s.num_kv_heads, "hd": s.head_dim, "cos": cos, "sin": sin}
@@ -288,14 +295,14 @@ def _learner_inputs(tiny_model_dir, p, n=4, T=32):
     return learner, x
 
 
-def test_learning_reduces_block_loss_vs_init(tiny_model_dir):
+def test_learning_reduces_block_loss_vs_init(tiny_explicit_dir):
     import torch
 
     from passes.affine import AffineParams
 
     torch.set_num_threads(1)
     p = AffineParams(act_bits=4, block_size=16, epochs=6, samples=4, seq_len=32, batch=2, lr=1e-2, lwc_lr=5e-2)
-    learner, x = _learner_inputs(tiny_model_dir, p)
+    learner, x = _learner_inputs(tiny_explicit_dir, p)
     y = learner.targets(x)
     info = learner.learn(x, x, y)
     assert info["steps"] == 12 and not info["rolled_back"]
@@ -303,23 +310,24 @@ def test_learning_reduces_block_loss_vs_init(tiny_model_dir):
     assert info["loss_final"] < 0.97 * info["loss_init"]
 
 
-def test_nan_loss_rolls_back_to_last_good_state(tiny_model_dir, monkeypatch):
+def test_nan_loss_rolls_back_to_last_good_state(tiny_explicit_dir, monkeypatch):
     import torch
 
     from passes.affine import AffineParams, BlockLearner
 
     torch.set_num_threads(1)
-    p = AffineParams(act_bits=4, block_size=16, epochs=3, samples=4, seq_len=32, batch=2)
-    learner, x = _learner_inputs(tiny_model_dir, p)
+    p = AffineParams(act_bits=4, block_size=16, epochs=3, samples=5, seq_len=32, batch=2, holdout=0.2)
+    learner, x = _learner_inputs(tiny_explicit_dir, p, n=5)
     y = learner.targets(x)
     real = BlockLearner.loss
     calls = {"n": 0, "state": None}
-    # eval_loss runs over 2 batches for identity and 2 for init before training starts
+
     def flaky(self, xq, yy):
-        calls["n"] += 1
-        if calls["n"] == 4 + 3:  # the third training step
-            calls["state"] = self.tr.state()  # what the last good step left
-            return torch.tensor(float("nan"))
+        if torch.is_grad_enabled():  # a training step (evaluations run under no_grad)
+            calls["n"] += 1
+            if calls["n"] == 3:  # the third training step (first of epoch 2)
+                calls["state"] = self.tr.state()  # what the last good step left
+                return torch.tensor(float("nan"))
         return real(self, xq, yy)
 
     logs = []
@@ -328,12 +336,51 @@ def test_nan_loss_rolls_back_to_last_good_state(tiny_model_dir, monkeypatch):
     info = learner.learn(x, x, y)
     assert info["rolled_back"] and info["steps"] == 2
     assert any("rolled the block back" in m for m in logs)
-    # the last good state — unless it did not beat the initialization, which is then kept
-    expected = learner._init_state if info["kept_init"] else calls["state"]
+    # init, epoch 1, and the rolled-back state (= epoch 1's) were evaluated on held-out data
+    assert len(info["heldout_per_epoch"]) == 3
+    expected = {0: learner._init_state, -1: learner.identity_state()}.get(info["kept_epoch"], calls["state"])
     for k, v in learner.tr.state().items():
         assert torch.equal(v, expected[k]), k
         assert torch.isfinite(v).all()
     assert np.isfinite(info["loss_final"])
+
+
+@pytest.mark.parametrize("lr", [1e-2, 0.5])
+def test_keep_best_never_returns_a_block_worse_than_its_init_on_held_out_windows(tiny_explicit_dir, lr):
+    """The returned transforms' loss on the held-out windows (recomputed here, independently of
+    the learner's bookkeeping) is ≤ the initialization's, and is the minimum over the evaluated
+    epochs; the held-out windows are not trained on. lr = 0.5 makes learning diverge (it must
+    then keep an early epoch or the initialization), lr = 1e-2 is a normal run."""
+    import torch
+
+    from passes.affine import AffineParams, BlockTransform, smoothquant_init
+
+    torch.set_num_threads(1)
+    p = AffineParams(act_bits=4, block_size=16, epochs=4, samples=6, seq_len=32, batch=2, lr=lr, lwc_lr=lr,
+                     holdout=1 / 3)
+    learner, x = _learner_inputs(tiny_explicit_dir, p, n=6)
+    y = learner.targets(x)
+    tr_sl, ho_sl = learner.split(len(x))
+    assert (tr_sl.stop, ho_sl.start, ho_sl.stop) == (4, 4, 6)
+    logs = []
+    learner.log = logs.append
+    info = learner.learn(x, x, y)
+    assert info["steps"] == 4 * 2  # only the 4 training windows are stepped on
+    xh, yh = x[ho_sl], y[ho_sl]
+    init = BlockTransform(learner.bw, learner.cfg, p, smoothquant_init(learner.bw, learner.cfg, learner.activation_amax(x), p))
+    init.band = 0
+    held_init = learner.eval_loss(xh, yh, init)
+    held_final = learner.eval_loss(xh, yh)
+    held_identity = learner.eval_loss(xh, yh, learner.identity_transform())
+    assert held_init == pytest.approx(info["loss_init"], rel=1e-6)
+    assert held_final <= held_init * (1 + 1e-6)
+    assert held_final <= held_identity * (1 + 1e-6)  # the identity is a candidate too
+    assert held_final == pytest.approx(min(info["heldout_per_epoch"] + [held_identity]), rel=1e-6)
+    if info["kept_epoch"] >= 0:
+        assert info["heldout_per_epoch"][info["kept_epoch"]] == pytest.approx(held_final, rel=1e-6)
+    assert any("kept" in m for m in logs)
+    if lr == 0.5:  # diverging learning: the last epoch is worse than what was kept
+        assert info["heldout_per_epoch"][-1] > held_final
 
 
 def test_affine_pass_learns_and_stays_exact_in_fp32(tiny_layout_dir, tmp_path):
@@ -341,12 +388,15 @@ def test_affine_pass_learns_and_stays_exact_in_fp32(tiny_layout_dir, tmp_path):
     (≤ 1e-4) while its weights changed, every block's loss went down, records are written."""
     from compiler.modeldir import open_model_dir
     from passes.affine import AffineParams, AffinePass
+    from passes.base import to_plain_layout
 
     model = open_model_dir(tiny_layout_dir).load_model()
     ids = sample_ids()
     before = graph_logits(model, tmp_path, ids)
-    w0 = model.graph.initializers["model.layers.0.self_attn.v_proj.weight"].const_value.numpy().copy()
     ctx = make_ctx(tiny_layout_dir, windows=4, seq_len=32)
+    to_plain_layout(model, ctx)  # exact; the pass would do it itself (passes/base.py)
+    v_name = ctx.structure(model).blocks[0].v.weight
+    w0 = model.graph.initializers[v_name].const_value.numpy().copy()
     p = AffineParams(act_bits=4, block_size=16, epochs=3, samples=4, seq_len=32, batch=2, qk=True)
     AffinePass(ctx, p)(model)
     rec = ctx.records[-1]
@@ -356,7 +406,7 @@ def test_affine_pass_learns_and_stays_exact_in_fp32(tiny_layout_dir, tmp_path):
         assert info["folded"] == ["qkv", "gate_up", "down", "vo", "qk"]
         assert info["loss_final"] < info["loss_identity"]
     assert rec["lm_head"]["error"] <= rec["lm_head"]["error_identity"]
-    assert np.abs(model.graph.initializers["model.layers.0.self_attn.v_proj.weight"].const_value.numpy() - w0).max() > 1e-3
+    assert np.abs(model.graph.initializers[v_name].const_value.numpy() - w0).max() > 1e-3
     assert max_diff(before, graph_logits(model, tmp_path, ids)) <= TOL
 
 
@@ -391,12 +441,12 @@ def test_affine_bad_params(raw, match):
         make_params(AffinePass, raw, "recipe x")
 
 
-def test_affine_refuses_too_long_windows(tiny_model_dir):
+def test_affine_refuses_too_long_windows(tiny_explicit_dir):
     from compiler.modeldir import open_model_dir
     from passes.affine import AffineParams, AffinePass
 
-    model = open_model_dir(tiny_model_dir).load_model()
-    ctx = make_ctx(tiny_model_dir, windows=2, seq_len=16)
+    model = open_model_dir(tiny_explicit_dir).load_model()
+    ctx = make_ctx(tiny_explicit_dir, windows=2, seq_len=16)
     with pytest.raises(UserError, match="seq_len"):
         AffinePass(ctx, AffineParams(seq_len=32, samples=2))(model)
     with pytest.raises(UserError, match="samples"):
@@ -409,9 +459,9 @@ def test_recipes_load_and_agree_with_int4(name):
 
     r = load_recipe(name)
     names = [p.name for p in r.passes]
-    assert names[-4:] == ["affine", "int4", "pack_qkv", "silu_op"]  # runtime layout last
+    assert names[-5:] == ["affine", "int4", "pack_qkv", "skip_norm", "silu_op"]  # runtime layout last
     assert (names[0] == "rotate") == name.startswith("rotate-")
-    affine, int4 = r.passes[-4].params, r.passes[-3].params
+    affine, int4 = r.passes[-5].params, r.passes[-4].params
     assert affine.act_bits == int4.act_bits == int(name.split("w4a")[1])
     assert affine.block_size == int4.block_size and affine.symmetric == int4.symmetric
     assert affine.seq_len <= r.calibration.seq_len and affine.samples <= r.calibration.windows
@@ -424,9 +474,11 @@ def test_torch_blocks_equal_onnx_blocks_on_smollm2(smollm2_dir):
 
     from compiler.modeldir import open_model_dir
     from passes.affine import BlockWeights, block_forward, fp_weights, onnx_block_io, rope_tables
+    from passes.base import to_plain_layout
 
     model = open_model_dir(smollm2_dir).load_model()
     ctx = make_ctx(smollm2_dir)
+    to_plain_layout(model, ctx)  # what the pass sees (passes/base.py)
     s = ctx.structure(model)
     ids = sample_ids(49152, (1, 64))
     cos, sin = rope_tables(model, s, 64)
@@ -439,7 +491,7 @@ def test_torch_blocks_equal_onnx_blocks_on_smollm2(smollm2_dir):
         assert np.abs(got - y).max() <= TOL * max(1.0, np.abs(y).max()), b.index
 
 
-def test_rotate_affine_int4_compile_end_to_end(tiny_model_dir, tmp_path):
+def test_rotate_affine_int4_compile_end_to_end(tiny_explicit_dir, tmp_path):
     """rotate → affine → int4 through the compile driver; the result runs in ONNX Runtime with
     the QMatMul library and its logits stay close to fp32 (the int4 pass's own A4 bound)."""
     from compiler import custom_ops
@@ -460,12 +512,12 @@ def test_rotate_affine_int4_compile_end_to_end(tiny_model_dir, tmp_path):
         '[[pass]]\nname = "affine"\nact_bits = 4\nblock_size = 16\nepochs = 1\nsamples = 4\nseq_len = 32\n'
         '[[pass]]\nname = "int4"\nalgorithm = "rtn"\nblock_size = 16\nact_bits = 4\n'
     )
-    out = compile_model(tiny_model_dir, tmp_path / "out", recipe=str(recipe), calib=calib, seed=1, progress=False)
+    out = compile_model(tiny_explicit_dir, tmp_path / "out", recipe=str(recipe), calib=calib, seed=1, progress=False)
     meta = open_model_dir(out).meta
     assert [p["name"] for p in meta["passes"]] == ["rotate", "affine", "int4"]
     assert len(meta["passes"][1]["records"][0]["blocks"]) == 2
     ids = sample_ids(shape=(24,))
-    ref = open_session(tiny_model_dir, threads=1).prefill_logits(ids)
+    ref = open_session(tiny_explicit_dir, threads=1).prefill_logits(ids)
     got = open_session(out, threads=1).prefill_logits(ids)
     assert np.all(np.isfinite(got))
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.4
