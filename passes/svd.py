@@ -55,6 +55,33 @@ from a few ten thousand tokens and overfits without it (layers.5.down of SmolLM2
 tokens: relative error 0.28 on them but 0.67 on held-out text, worse than no update, 0.60); damp = 0.05 took svd-20 from
 3.11× to 2.46× the fp32 perplexity (0.15: 2.48×).
 
+Token weights (`token_weights = "residual"`): the error the next RMSNorm sees
+----------------------------------------------------------------------------
+The objectives above weight every calibration token alike. SmolLM2-135M has massive activations:
+from block 2 on, the residual stream of each window's first token is ~100× the others' in norm
+(after block 19 the 32 first tokens hold 96 % of the residual energy of 16k tokens; block 1's down
+input puts 64 % of its energy on 1 % of the tokens). Unweighted, the o/down refits (and their
+residual target R − R̃, whose energy is that of those tokens) spend the rank on a few tokens. But
+a layer that adds e_t to the residual r_t reaches every later layer through an RMSNorm, i.e. as
+e_t / rms(r_t): the first-order perturbation of the normalized stream is
+
+    Σ_t ‖e_t‖² / rms(r_t)²  =  ‖D^½·(X̃·W' − T)‖_F²,     D = diag(w_t),  w_t ∝ 1 / mean_c r_tc²,
+
+with r the original model's residual after the layer's Add (w normalized to mean 1; a floor at
+1e-3 of the median keeps a zero residual from taking all the weight). Everything above holds
+with D inserted: G̃ = X̃ᵀDX̃, B = X̃ᵀD·T, ν = Σ_t w_t Δ_t²/12, the theorem in the D-weighted norm
+(the tests check both). o uses the residual after the attention Add; gate/up/down the residual
+after the MLP Add (the MLP is position-wise, so their error on token t only reaches token t).
+q/k/v stay unweighted: through attention their error on one token reaches all later tokens,
+and their inputs are already normalized (a first token holds ~0.2 % of their energy). The
+budgeted ranks use the same weighted statistics (no longer one token's rank-one massive output;
+that did not rescue `budgeted`, see "Rank allocation"). Measured (uniform ranks, damp 0.05,
+residual target): svd-20 93.7 → 91.2 held-out perplexity, at the same compile cost (svd-10 with
+all three 74.0, svd-40 137.8, vs 104.0 / 221.0 with the unregularized refit alone).
+The trade-off: a massive token then counts as one token, so its own relative error is not
+protected beyond that (tests/test_svd.py builds the case); the first tokens are attention sinks,
+which argues for weighting them by the attention they receive, not done here.
+
 Quantized inputs (`act_bits` < 16): svd-20-w4a8 went from 894× to 3.77× the fp32 perplexity
 -------------------------------------------------------------------------------------------
 (3.54× with damp = 0.05 and the residual target as well; the recipe's notes have the figures).
@@ -115,6 +142,19 @@ a multiple-choice knapsack; we solve its Lagrangian relaxation exactly (each lay
 loss − λ·saving, bisection on λ for the smallest λ meeting the budget), hand the overshoot back
 greedily (largest loss reduction first) while the budget still holds, and finish with pairwise
 one-rank swaps between layers that lower the loss at the same budget (the relaxation's gap).
+
+Which layers pay (measured on SmolLM2-135M, held-out perplexity, fp32 42.76): `budgeted` loses to
+`uniform` — svd-20 with damp 0.05: 113.2 vs 105.0 (the knapsack gave layers.11.down rank 1: its
+relative loss was one massive token's rank-one output); with the token-weighted statistics below
+and the residual target it collapses (2.6·10⁵ vs 91.2: v, up and down almost all dense, layers.0.q/o
+cut to rank 32/17). Summing per-layer relative losses treats every layer's error as equally
+harmful, which the sequential refit (it repairs upstream error) and attention sinks make false,
+and the knapsack then drives the allocation to extremes. A structural argument says square layers
+are the least efficient to factorize (to remove a fraction r a pair keeps (1−r)/2 of a square
+layer's rank but (1−r)·0.73 of gate/up/down's), yet spending the whole svd-20 budget on the MLP
+(`include` gate/up/down, ratio 0.2667, attention dense) measured 97.6 vs 93.7 uniform on all seven
+linears: an evenly spread truncation, each layer refit against the compressed upstream, beats
+concentrating it. `uniform` is therefore what the recipes use.
 """
 
 from __future__ import annotations
@@ -318,13 +358,30 @@ def refit_first_factor(S_in: np.ndarray, B: np.ndarray, W2: np.ndarray) -> np.nd
     return _solve_triangular(S_in.T, _solve_triangular(S_in, rhs, upper=False), upper=True)
 
 
-def activation_noise_energy(x: np.ndarray, qmax: float) -> float:
-    """Σ_t Δ_t²/12 over rows x [T, K], Δ_t = max_k |x_tk| / qmax: the expected energy per input
+def activation_noise_energy(x: np.ndarray, qmax: float, weights: np.ndarray | None = None) -> float:
+    """Σ_t w_t·Δ_t²/12 over rows x [T, K], Δ_t = max_k |x_tk| / qmax: the expected energy per input
     channel of the rounding error of symmetric per-token quantization with step Δ_t (uniform
-    rounding error in [−Δ_t/2, Δ_t/2]). The expected ‖E·W'‖² of that error E is noise·‖W'‖²_F."""
+    rounding error in [−Δ_t/2, Δ_t/2]). The expected ‖E·W'‖² of that error E is noise·‖W'‖²_F
+    (with token weights w_t, the expected weighted ‖D^½·E·W'‖²; w_t = 1 without)."""
     x = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
-    step = np.abs(x).max(axis=1).astype(np.float64) / qmax
-    return float(np.sum(step**2) / 12.0)
+    step2 = (np.abs(x).max(axis=1).astype(np.float64) / qmax) ** 2
+    if weights is not None:
+        step2 = step2 * np.asarray(weights, np.float64).reshape(-1)
+    return float(np.sum(step2) / 12.0)
+
+
+def residual_token_weights(residual: np.ndarray, floor: float = 1e-3) -> np.ndarray:
+    """w_t ∝ 1 / mean_c(r_tc²) for residual-stream rows r [..., D], normalized to mean 1.
+
+    The next RMSNorm divides token t by rms(r_t), so an error e_t added to r_t reaches every later
+    layer as e_t / rms(r_t): Σ_t w_t‖e_t‖² is the error downstream layers see (module docstring,
+    "Token weights"). `floor` (relative to the median mean-square) keeps a token whose residual is
+    near zero from taking all the weight."""
+    r = np.asarray(residual, np.float32)
+    ms = np.mean(r.astype(np.float64) ** 2, axis=-1)
+    ms = np.maximum(ms, floor * float(np.median(ms)) + 1e-30)
+    w = 1.0 / ms
+    return (w / np.mean(w)).astype(np.float32)
 
 
 def _check_rank(rank: int, K: int, N: int) -> int:
@@ -539,6 +596,8 @@ class SvdParams:
     refit: Literal["both", "w1"] = "both"  # both factors (reduced-rank regression) | W₁ only (paper)
     residual_target: bool = False  # o/down also cancel the residual-stream error of the upstream
     damp: float = 0.0  # refit ridge toward W: + δ‖W' − W‖², δ = damp·mean(diag G̃)
+    token_weights: Literal["none", "residual"] = "none"  # "residual": o/gate/up/down weight token t
+    # by 1/rms²(residual stream it is added to), the error the next RMSNorm passes on (docstring)
     act_bits: int = 16  # per-token activation bits the pair's input gets downstream (int4 act_bits):
     # < 16 fits the pair to the quantized input in expectation (ridge toward 0, module docstring)
     include: list[str] = dataclasses.field(default_factory=lambda: ["*"])  # layer-name globs
@@ -572,6 +631,10 @@ class SvdParams:
                 raise UserError("include/exclude patterns must be non-empty globs like \"layers.*.q\"")
         if self.budget_windows < 1:
             raise UserError(f"budget_windows must be at least 1, got {self.budget_windows}")
+        if self.token_weights not in ("none", "residual"):
+            raise UserError(f"token_weights must be \"none\" or \"residual\", got {self.token_weights!r}")
+        if self.token_weights != "none" and not (self.whiten or self.update):
+            raise UserError("token_weights needs calibration statistics: set whiten = true or update = true")
         if self.residual_target and not self.update:
             raise UserError("residual_target needs update = true (it changes the refit's target)")
 
@@ -951,7 +1014,8 @@ class SvdPass(CompilerPass):
         ctx.record(
             ratio=p.ratio, allocation=p.allocation if p.rank is None else f"fixed rank {p.rank}",
             whiten=p.whiten, update=p.update, refit=p.refit if p.update else None,
-            residual_target=p.residual_target, damp=p.damp, act_bits=p.act_bits, params_before=before, params_after=after,
+            residual_target=p.residual_target, damp=p.damp, act_bits=p.act_bits, token_weights=p.token_weights,
+            params_before=before, params_after=after,
             removed_fraction=round(1 - after / before, 6), factorized=len(todo), seconds=round(seconds, 1),
             layers=rows,
         )
@@ -990,7 +1054,12 @@ class SvdPass(CompilerPass):
             for b in blocks[: last + 1]:
                 stages = _block_stages(model, b, selected)
                 nxt = blocks[b.index + 1].residual_in if b.index + 1 < len(blocks) else None
+                adds = self._residual_adds(model, b) if self.params.token_weights == "residual" else {}
                 outs = [s.input for s in stages] + ([nxt] if nxt and b.index < last else [])
+                # the residual Adds' outputs (token weights), computed once for all windows
+                vals = self._materialize(model, runner, {b.residual_in: states}, [v for v in adds.values() if v]) if adds else {}
+                weights = self._stage_weights(b, stages, adds, vals)
+                del vals
                 sess = runner.session(model, [b.residual_in], outs)
                 grams = {s.input: None for s in stages}
                 new_states = np.empty_like(states) if len(outs) > len(stages) else None
@@ -998,7 +1067,8 @@ class SvdPass(CompilerPass):
                     got = runner.run(sess, sl, {b.residual_in: states}, outs)
                     for s, x in zip(stages, got):
                         x = x.reshape(-1, x.shape[-1])
-                        g = (x.T @ x).astype(np.float64)  # float32 GEMM per batch, float64 sum
+                        xw = x if s.input not in weights else x * weights[s.input][sl].reshape(-1, 1)
+                        g = (xw.T @ x).astype(np.float64)  # float32 GEMM per batch, float64 sum
                         grams[s.input] = g if grams[s.input] is None else grams[s.input] + g
                     if new_states is not None:
                         new_states[sl] = got[-1]
@@ -1033,7 +1103,10 @@ class SvdPass(CompilerPass):
                 partner_values = sorted({v for s in stages for v in s.partners.values()} - {b.residual_in})
                 # 1. the original block (not yet rewritten) on the original states
                 outs = list(dict.fromkeys(taps + (partner_values if p.update else [])))
-                orig = self._materialize(model, runner, {b.residual_in: orig_states}, outs + ([nxt] if nxt else []))
+                adds = self._residual_adds(model, b) if p.token_weights == "residual" else {}
+                orig_outs = list(dict.fromkeys(outs + ([nxt] if nxt else []) + [v for v in adds.values() if v]))
+                orig = self._materialize(model, runner, {b.residual_in: orig_states}, orig_outs)
+                stage_weights = self._stage_weights(b, stages, adds, orig)
                 new_orig = orig.pop(nxt) if nxt else None
                 orig[b.residual_in] = orig_states
                 # 2. stage by stage: statistics of the current graph, fit, rewrite
@@ -1046,7 +1119,7 @@ class SvdPass(CompilerPass):
                         missing = [v for v in dict.fromkeys(want) if v not in comp]
                         if missing:
                             comp.update(self._materialize(model, runner, comp, missing + extra))
-                    acc = self._accumulate(stage, orig, comp, runner, model)
+                    acc = self._accumulate(stage, orig, comp, runner, model, stage_weights.get(stage.input))
                     for lin in stage.layers:
                         results[lin.name] = self._fit_and_rewrite(model, lin, ranks[lin.name], acc)
                 # 3. advance the states
@@ -1055,6 +1128,31 @@ class SvdPass(CompilerPass):
                 orig_states = new_orig
                 del orig, comp
                 advance(1, info=f"block {b.index}: {time.perf_counter() - t0:.1f} s")
+
+    @staticmethod
+    def _residual_adds(model, block) -> dict[str, str | None]:
+        """"attention" / "mlp" → the output value of the residual Add after that sub-block."""
+        outs = {n.name: n.outputs[0].name for n in model.graph if n.op_type == "Add"}
+        return {"attention": outs.get(block.attention_residual_add), "mlp": outs.get(block.mlp_residual_add)}
+
+    @staticmethod
+    def _stage_weights(block, stages, adds, orig) -> dict[str, np.ndarray]:
+        """stage input → token weights [W, T] (module docstring, "Token weights").
+
+        o: the residual after the attention Add; gate/up/down: the residual after the MLP Add (the
+        MLP is position-wise, so their error on token t only reaches token t's residual). q/k/v
+        stay unweighted: through attention their error on one token reaches every later token."""
+        if not adds:
+            return {}
+        kind = {block.o.name: "attention", block.gate.name: "mlp", block.up.name: "mlp", block.down.name: "mlp"}
+        out = {}
+        for st in stages:
+            kinds = {kind.get(lin.name) for lin in st.layers}
+            if len(kinds) == 1 and None not in kinds:
+                value = adds[kinds.pop()]
+                if value is not None and value in orig:
+                    out[st.input] = residual_token_weights(orig[value])
+        return out
 
     def _materialize(self, model, runner, known: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         """Values `outputs` of the current graph for every window, computed from `known` ones."""
@@ -1068,8 +1166,9 @@ class SvdPass(CompilerPass):
                 out[name][sl] = x
         return out
 
-    def _accumulate(self, stage: _Stage, orig, comp, runner, model) -> _Acc:
-        """Σ over windows of X̃ᵀX̃, X̃ᵀX (or X̃ᵀ·XW), X̃ᵀ(R − R̃) and XᵀX (when needed).
+    def _accumulate(self, stage: _Stage, orig, comp, runner, model, token_weights=None) -> _Acc:
+        """Σ over windows of X̃ᵀX̃, X̃ᵀX (or X̃ᵀ·XW), X̃ᵀ(R − R̃) and XᵀX (when needed), each
+        token weighted by `token_weights` [W, T] when given (X̃ᵀDX̃ etc., D = diag(w)).
 
         Products of one batch (≤ 2048 tokens) are formed in float32 (the GEMM cost dominates the
         pass; relative rounding ~1e-7 per batch sum) and accumulated in float64."""
@@ -1087,25 +1186,27 @@ class SvdPass(CompilerPass):
         qmax = {8: 127.0, 4: 7.0}.get(p.act_bits)
         for sl in runner.batches():
             x = orig[stage.input][sl].reshape(-1, K)
+            w = None if token_weights is None else token_weights[sl].reshape(-1, 1)
             if need_gram:
-                acc.gram += (x.T @ x).astype(np.float64)
+                acc.gram += ((x if w is None else x * w).T @ x).astype(np.float64)
             if not p.update:
                 if qmax:
-                    acc.noise += activation_noise_energy(x, qmax)
+                    acc.noise += activation_noise_energy(x, qmax, w)
                 continue
             xt = comp[stage.input][sl].reshape(-1, K)
+            xtw = xt if w is None else xt * w  # D·X̃: every sum below is X̃ᵀD(·)
             if qmax:
-                acc.noise += activation_noise_energy(xt, qmax)
-            acc.gram_tilde += (xt.T @ xt).astype(np.float64)
+                acc.noise += activation_noise_energy(xt, qmax, w)
+            acc.gram_tilde += (xtw.T @ xt).astype(np.float64)
             if acc.cross is not None:
-                acc.cross += (xt.T @ x).astype(np.float64)
+                acc.cross += (xtw.T @ x).astype(np.float64)
             else:
                 for lin in stage.layers:
-                    acc.cross_out[lin.name] = acc.cross_out.get(lin.name, 0.0) + (xt.T @ (x @ weights32[lin.name])).astype(np.float64)
+                    acc.cross_out[lin.name] = acc.cross_out.get(lin.name, 0.0) + (xtw.T @ (x @ weights32[lin.name])).astype(np.float64)
             for lname, rv in partners.items():
                 D = orig[rv].shape[-1]
                 d = orig[rv][sl].reshape(-1, D) - comp[rv][sl].reshape(-1, D)
-                acc.resid[lname] = acc.resid.get(lname, 0.0) + (xt.T @ d).astype(np.float64)
+                acc.resid[lname] = acc.resid.get(lname, 0.0) + (xtw.T @ d).astype(np.float64)
             if first:  # a diagnostic sample for the per-layer output error
                 acc.sample_x, acc.sample_xt = x.astype(np.float64), xt.astype(np.float64)
                 first = False

@@ -263,6 +263,64 @@ def test_update_reduces_error_on_a_two_layer_case(seed):
 
 
 # --------------------------------------------------------------------------------------------
+# token weights (token_weights = "residual")
+
+
+def test_residual_token_weights_are_inverse_mean_squares_normalized_to_mean_one():
+    from passes.svd import residual_token_weights
+
+    rng = np.random.default_rng(21)
+    R = rng.standard_normal((3, 50, 16))
+    R[0, 0] *= 100.0  # a massive token
+    w = residual_token_weights(R)
+    assert w.shape == (3, 50) and np.mean(w) == pytest.approx(1.0, rel=1e-6)
+    ms = np.mean(R**2, axis=-1)
+    np.testing.assert_allclose(w * ms, np.mean(w * ms), rtol=1e-5)  # w_t ∝ 1 / mean_c r_tc²
+    assert w[0, 0] < 1e-3 * np.median(w)
+    np.testing.assert_allclose(residual_token_weights(7.0 * R), w, rtol=1e-5)  # scale-free
+    Z = R.copy()
+    Z[1, 3] = 0.0  # a zero residual is floored, not infinite
+    assert np.all(np.isfinite(residual_token_weights(Z))) and residual_token_weights(Z).max() < 1e4
+
+
+def test_token_weighted_fit_is_not_dominated_by_massive_tokens():
+    """A layer that writes a massive activation on a few tokens (input and residual both ~300× the
+    others, in their own directions, like SmolLM2's block-1 down): the unweighted fit spends its
+    rank on those tokens; weighting token t by 1/rms²(r_t) (the next RMSNorm's view of the error)
+    fits the normal tokens much better and is optimal for its objective (each massive token then
+    counts as one token: its error relative to its own residual is what is minimized)."""
+    from passes.svd import residual_token_weights
+
+    rng = np.random.default_rng(22)
+    T, K, N, k = 3000, 48, 32, 10
+    X = correlated_inputs(rng, T, K)
+    massive = rng.choice(T, 12, replace=False)
+    X[massive] = 300.0 * (rng.standard_normal((12, 1)) * rng.standard_normal((1, K))
+                          + 0.3 * rng.standard_normal((12, K)))
+    W = rng.standard_normal((K, N)) / np.sqrt(K)
+    Y = X @ W
+    R = rng.standard_normal((T, N)) * 3.0 + Y  # the residual after the add: massive where Y is
+    w = residual_token_weights(R)
+    normal = np.setdiff1d(np.arange(T), massive)
+
+    def fit(weights):
+        Xw = X * weights[:, None]
+        return reduced_rank_fit(whiten_cholesky(Xw.T @ X).S, Xw.T @ Y, k)
+
+    plain, weighted = fit(np.ones(T)), fit(w)
+    E_plain, E_weighted = X @ plain.W1 @ plain.W2 - Y, X @ weighted.W1 @ weighted.W2 - Y
+    werr = lambda E: float(np.sum(w[:, None] * E**2))  # noqa: E731
+    # optimal for the weighted objective: the discarded spectrum of the weighted whitening
+    assert werr(E_weighted) == pytest.approx(np.sum(weighted.sigma[k:] ** 2), rel=1e-7)
+    assert werr(E_weighted) < 0.5 * werr(E_plain)
+    rel = lambda E, rows: np.sum(E[rows] ** 2) / np.sum(Y[rows] ** 2)  # noqa: E731
+    assert rel(E_weighted, normal) < 0.7 * rel(E_plain, normal)
+    # the objective is the error the next RMSNorm passes on: Σ_t ‖e_t / rms(r_t)‖², up to a constant
+    per_token = np.sum(E_weighted**2, axis=1) / np.mean(R**2, axis=1)
+    assert werr(E_weighted) == pytest.approx(np.sum(per_token) / np.mean(1.0 / np.mean(R**2, axis=1)), rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
 # quantized inputs: the noise-aware refit (act_bits < 16)
 
 
@@ -392,9 +450,10 @@ def _low_rank_nodes(onnx_path):
     return out, inits
 
 
-@pytest.mark.parametrize("update", [False, True])
-def test_full_rank_reproduces_the_logits(tiny_model_dir, tmp_path, update):
-    """rank = min(K, N) everywhere: W₁W₂ = W (and the refit returns W), logits within 1e-4."""
+@pytest.mark.parametrize("update,token_weights", [(False, "none"), (True, "none"), (True, "residual")])
+def test_full_rank_reproduces_the_logits(tiny_model_dir, tmp_path, update, token_weights):
+    """rank = min(K, N) everywhere: W₁W₂ = W (and the refit returns W, with or without token
+    weights: (X̃ᵀDX̃ + δI)⁻¹(X̃ᵀDX̃ + δI)W = W for any D), logits within 1e-4."""
     import onnx_ir as ir
 
     from compiler.driver import CompileContext
@@ -406,8 +465,12 @@ def test_full_rank_reproduces_the_logits(tiny_model_dir, tmp_path, update):
     model = src.load_model()
     ctx = CompileContext(src, CalibrationConfig(windows=8, seq_len=64), _text(tmp_path), progress=False)
     try:
-        params = SvdParams(rank=10_000, update=update)
+        params = SvdParams(rank=10_000, update=update, token_weights=token_weights)
         params.validate()
+        if token_weights == "residual":  # the weights come from both residual Adds of every block
+            for block in ctx.structure(model).blocks:
+                adds = SvdPass._residual_adds(model, block)
+                assert adds["attention"] and adds["mlp"] and adds["attention"] != adds["mlp"]
         result = SvdPass(ctx, params)(model)
     finally:
         ctx.close()
@@ -512,14 +575,15 @@ def test_act_bits_fits_the_pairs_for_int8_inputs(tiny_model_dir, tmp_path):
     assert corr > 0.9
 
 
-def test_budgeted_compile_spends_the_uniform_budget(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("extra", ["", '\ntoken_weights = "residual"'])
+def test_budgeted_compile_spends_the_uniform_budget(tiny_model_dir, tmp_path, extra):
     import json
 
     from compiler.driver import compile_model
 
     calib = _text(tmp_path)
     out = compile_model(
-        tiny_model_dir, tmp_path / "b", recipe=_recipe(tmp_path, 'ratio = 0.4\nallocation = "budgeted"'),
+        tiny_model_dir, tmp_path / "b", recipe=_recipe(tmp_path, 'ratio = 0.4\nallocation = "budgeted"' + extra),
         calib=calib, progress=False,
     )
     rec = json.loads((out / "llmfold.json").read_text())["passes"][-1]["records"][0]
