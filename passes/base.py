@@ -50,13 +50,12 @@ class CompilerPass(ir.passes.InPlacePass):
     name: ClassVar[str]
     Params: ClassVar[type] = NoParams
     description: ClassVar[str] = ""
+    needs_plain_layout: ClassVar[bool] = True  # see the module docstring
 
     def __init__(self, ctx: "CompileContext", params: Any = None):
         super().__init__()
         self.ctx = ctx
         self.params = params if params is not None else self.Params()
-
-    needs_plain_layout: ClassVar[bool] = True
 
     def __call__(self, model_or_result, /) -> ir.passes.PassResult:
         model = model_or_result.model if isinstance(model_or_result, ir.passes.PassResult) else model_or_result
