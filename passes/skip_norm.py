@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from compiler.analyze import const_array
+from compiler.analyze import SKIP_NORM, const_array
 from passes.base import CompilerPass, register_pass
 
-SKIP_NORM = "SkipSimplifiedLayerNormalization"
 MS_DOMAIN = "com.microsoft"
 
 

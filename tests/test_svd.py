@@ -523,6 +523,15 @@ def test_compile_writes_pairs_with_the_uniform_ranks(tiny_model_dir, tmp_path):
     assert corr > 0.5
 
 
+def _prefill_correlation(dir_a, dir_b, ids) -> float:
+    """Correlation of two model directories' prefill logits on the same tokens."""
+    from compiler.runtime import open_session
+
+    a = open_session(dir_a, threads=1).prefill_logits(ids)
+    b = open_session(dir_b, threads=1).prefill_logits(ids)
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
 def test_low_rank_pairs_go_through_the_int4_pass(tiny_model_dir, tmp_path):
     """svd then int4: both factors of every pair become QMatMuls, the result is still recognized
     (pairs by their llmfold.layer tags), inspect reports them as 4-bit low-rank, logits stay close."""
@@ -542,12 +551,7 @@ def test_low_rank_pairs_go_through_the_int4_pass(tiny_model_dir, tmp_path):
             assert lin.rank == ranks[lin.name]
     rows = {r["name"]: r for r in inspect_model(out)["linear_layers"]}
     assert rows["layers.1.down"]["bits"] == 4 and rows["layers.1.down"]["rank"] == ranks["layers.1.down"]
-    from compiler.runtime import open_session
-
-    ids = _text_ids(tiny_model_dir, calib)[0]
-    a = open_session(svd_only, threads=1).prefill_logits(ids)
-    b = open_session(out, threads=1).prefill_logits(ids)
-    corr = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+    corr = _prefill_correlation(svd_only, out, _text_ids(tiny_model_dir, calib)[0])
     print("logit correlation svd vs svd+int4", corr)
     assert corr > 0.9
 
@@ -559,7 +563,6 @@ def test_act_bits_fits_the_pairs_for_int8_inputs(tiny_model_dir, tmp_path):
     import json
 
     from compiler.driver import compile_model
-    from compiler.runtime import open_session
 
     calib = _text(tmp_path)
     svd_only = compile_model(tiny_model_dir, tmp_path / "svd", recipe=_recipe(tmp_path, "ratio = 0.3"), calib=calib, progress=False)
@@ -567,10 +570,7 @@ def test_act_bits_fits_the_pairs_for_int8_inputs(tiny_model_dir, tmp_path):
     out = compile_model(tiny_model_dir, tmp_path / "svdq8", recipe=_recipe(tmp_path, body, "rq8"), calib=calib, progress=False)
     rec = json.loads((out / "llmfold.json").read_text())["passes"][0]["records"][0]
     assert rec["act_bits"] == 8 and rec["factorized"] > 0
-    ids = _text_ids(tiny_model_dir, calib)[0]
-    a = open_session(svd_only, threads=1).prefill_logits(ids)
-    b = open_session(out, threads=1).prefill_logits(ids)
-    corr = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+    corr = _prefill_correlation(svd_only, out, _text_ids(tiny_model_dir, calib)[0])
     print("logit correlation svd vs svd(act_bits=8)+W4A8", corr)
     assert corr > 0.9
 
