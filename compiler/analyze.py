@@ -51,6 +51,11 @@ PASS_THROUGH = {
 }
 
 
+def is_onnx_op(node: ir.Node, op_type: str) -> bool:
+    """`node` is the standard ONNX operator `op_type` (domain "" or its alias "ai.onnx")."""
+    return node.op_type == op_type and node.domain in ("", "ai.onnx")
+
+
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The numpy value of an initializer or Constant-node output, else None."""
     if value is None:
@@ -58,7 +63,7 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     if value.const_value is not None:
         return value.const_value.numpy()
     node = value.producer()
-    if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+    if node is not None and is_onnx_op(node, "Constant"):
         attr = node.attributes.get("value")
         if attr is not None:
             return attr.value.numpy()
@@ -110,7 +115,7 @@ class _LinearMatch:
 
 def _single_linear(node: ir.Node) -> _LinearMatch | None:
     """One node computing X·W: a MatMul with a constant 2-D weight, a QMatMul or a MatMulNBits."""
-    if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
+    if is_onnx_op(node, "MatMul") and len(node.inputs) == 2:
         x, w = node.inputs
         shape = const_shape(w)
         if x is None or is_const(x) or shape is None or len(shape) != 2:

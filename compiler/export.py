@@ -108,6 +108,11 @@ GQA_TOTAL_SEQ_LEN = "/model/gqa/total_sequence_length"  # int32 scalar
 GQA_ATTENTION_BIAS = "/model/mask/additive/output_0"  # float32 [B, 1, T, S] (both layouts)
 
 
+def packed_qkv_names(layer: int) -> tuple[str, str]:
+    """(weight, node) names of block `layer`'s packed q/k/v MatMul (also used by passes.pack)."""
+    return f"model.layers.{layer}.self_attn.qkv_proj.weight", f"/model/layers.{layer}/attn/qkv_proj/MatMul"
+
+
 @dataclass
 class LlamaDims:
     num_layers: int
@@ -345,7 +350,8 @@ def build_graph(state: dict[str, np.ndarray], dims: LlamaDims, cos: np.ndarray, 
         if fused:
             # one MatMul for [q | k | v] feeding GQA's packed input (see the module docstring)
             qkv_w = np.concatenate([state[f"{w}.self_attn.{r}_proj.weight"] for r in "qkv"], axis=0)  # [N, K]
-            qkv = g.op("MatMul", [h, g.initializer(f"{w}.self_attn.qkv_proj.weight", qkv_w.T)], f"{p}/attn/qkv_proj/MatMul")
+            qkv_weight, qkv_node = packed_qkv_names(i)
+            qkv = g.op("MatMul", [h, g.initializer(qkv_weight, qkv_w.T)], qkv_node)
             ctx_btd, present_k, present_v = gqa(i, p, qkv, None, None, past_k, past_v)
             present_k.type, present_k.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(present_dims)
             present_v.type, present_v.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(present_dims)

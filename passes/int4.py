@@ -122,6 +122,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from compiler.analyze import is_onnx_op
 from compiler.errors import UserError
 from passes.base import CompilerPass, register_pass
 
@@ -687,7 +688,7 @@ def _unsupported_reason(unit_node: ir.Node | None, weight: ir.Value | None) -> s
         return "its node is not in the graph (re-analyze the model)"
     if unit_node.domain == CUSTOM_DOMAIN and unit_node.op_type == "QMatMul":
         return "already quantized (a QMatMul computes it); the model was compiled with int4 before"
-    if unit_node.op_type != "MatMul" or unit_node.domain not in ("", "ai.onnx"):
+    if not is_onnx_op(unit_node, "MatMul"):
         return f"computed by {unit_node.op_type}, not a plain MatMul"
     if weight is None or not weight.is_initializer() or weight.const_value is None:
         return "its weight is not a constant initializer"

@@ -35,7 +35,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from compiler.analyze import const_array
+from compiler.analyze import const_array, is_onnx_op
+from compiler.export import packed_qkv_names
 from passes._weights import add_weight
 from passes.base import CompilerPass, register_pass
 
@@ -90,7 +91,8 @@ def _why_not(nodes: list[ir.Node], attention: ir.Node) -> str | None:
 
 def _packed_node(model: ir.Model, nodes: list[ir.Node], index: int) -> ir.Node:
     x = nodes[0].inputs[0]
-    base, node_base = f"model.layers.{index}.self_attn.qkv_proj", f"/model/layers.{index}/attn/qkv_proj"
+    weight_name, node_name = packed_qkv_names(index)  # the export's names; QMatMul's derive from them
+    base, node_base = weight_name.removesuffix(".weight"), node_name.removesuffix("/MatMul")
     if nodes[0].op_type == "MatMul":
         W = np.concatenate([_const_inputs(n)[0] for n in nodes], axis=1)
         return ir.Node("", "MatMul", [x, add_weight(model, f"{base}.weight", W, W.dtype)], name=f"{node_base}/MatMul")
@@ -124,7 +126,7 @@ def unpack_qkv(model: ir.Model, structure) -> int:
         if b.attention_kind != "GroupQueryAttention" or len({lin.node for lin in lins}) != 1 or b.q.columns is None:
             continue
         node, attention = by_name[b.q.node], by_name[b.attention]
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or attention.inputs[0] is not node.outputs[0]:
+        if not is_onnx_op(node, "MatMul") or attention.inputs[0] is not node.outputs[0]:
             continue
         W = const_array(node.inputs[1])
         uses = list(node.outputs[0].uses())

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from compiler.analyze import const_array
+from compiler.analyze import const_array, is_onnx_op
 from passes.base import CompilerPass, register_pass
 
 
@@ -26,7 +26,7 @@ def _is_one(value: ir.Value) -> bool:
 
 def _silu_nodes(div: ir.Node) -> list[ir.Node] | None:
     """[Neg, Exp, Add, Div] when `div` computes z / (1 + exp(−z)) with private intermediates."""
-    if div.op_type != "Div" or div.domain not in ("", "ai.onnx"):
+    if not is_onnx_op(div, "Div"):
         return None
     z, denom = div.inputs
     add = denom.producer() if denom is not None else None

@@ -20,22 +20,18 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from compiler.analyze import SKIP_NORM, const_array
+from compiler.analyze import SKIP_NORM, const_array, is_onnx_op
 from passes.base import CompilerPass, register_pass
 
 MS_DOMAIN = "com.microsoft"
 
 
-def _is_std(node: ir.Node, op_type: str) -> bool:
-    return node.op_type == op_type and node.domain in ("", "ai.onnx")
-
-
 def _fusable(add: ir.Node) -> ir.Node | None:
     """The RMSNormalization reading `add`'s sum, when the pair can become one node."""
-    if not _is_std(add, "Add") or len(add.inputs) != 2 or any(v is None or const_array(v) is not None for v in add.inputs):
+    if not is_onnx_op(add, "Add") or len(add.inputs) != 2 or any(v is None or const_array(v) is not None for v in add.inputs):
         return None
     r = add.outputs[0]
-    norms = [u.node for u in r.uses() if _is_std(u.node, "RMSNormalization") and u.idx == 0]
+    norms = [u.node for u in r.uses() if is_onnx_op(u.node, "RMSNormalization") and u.idx == 0]
     if len(norms) != 1 or r.is_graph_output():
         return None
     norm = norms[0]
@@ -52,7 +48,7 @@ def _fusable(add: ir.Node) -> ir.Node | None:
 def fuse_skip_norms(graph: ir.Graph) -> int:
     """Add + RMSNormalization → SkipSimplifiedLayerNormalization; returns how many were fused."""
     fused = 0
-    for add in [n for n in graph if _is_std(n, "Add")]:
+    for add in [n for n in graph if is_onnx_op(n, "Add")]:
         norm = _fusable(add)
         if norm is None:
             continue
