@@ -47,6 +47,20 @@ Algorithms (`algorithm`):
   With ``gptq_clip`` the block parameters are chosen by the same α-grid search as ``rtn-clip``
   (diag objective) on those current weights.
 
+``scale_refit`` (after ``gptq`` or ``rtn-clip``): the codes stay, the float block scales are
+refitted to the layer's output error. With u_bn = (q_{:,n} − z_bn) restricted to block b's rows
+(zero elsewhere), column n is Ŵ_{:,n} = Σ_b s_bn·u_bn, linear in its n_blocks scales, so
+
+    min_s (w_n − U_n s)ᵀ H (w_n − U_n s)   ⇔   (U_nᵀ H U_n) s = U_nᵀ H w_n
+
+is a small exact least-squares problem per column (9 unknowns for K = 576 at g = 64). GPTQ chose
+each block's scale before most of the block's codes were rounded and against error-updated weights;
+the refit sees the final codes and the original weights. A column keeps its scales unless the
+refit lowers its error, so the result is never worse on the calibration objective.
+
+``block_size_overrides`` gives chosen layers another block size (first matching pattern wins),
+e.g. lm_head, whose output error reaches the logits directly, with finer blocks.
+
 Activations (``act_bits``)
 --------------------------
 16: float activations. 8 / 4: the op quantizes each row (token) of X on the fly, symmetric, with
@@ -142,6 +156,7 @@ class Int4Params:
     exclude: list[str] = field(default_factory=list)  # e.g. ["layers.0.*", "lm_head"]
     lm_head: bool = True  # quantize the output projection too
     block_size: int = 64  # rows of K per scale: a power of two in 16..256
+    block_size_overrides: dict = field(default_factory=dict)  # {"lm_head" = 32}: first matching pattern wins
     symmetric: bool = True  # True: zero point 8 (not stored); False: integer zero points
     algorithm: str = "gptq"  # "rtn" | "rtn-clip" | "gptq"
     clip_objective: str = "diag"  # rtn-clip: "diag" (Σ H_kk Δ²) | "full" (block-diagonal ΔᵀHΔ)
@@ -151,6 +166,7 @@ class Int4Params:
     act_order: bool = True  # GPTQ: channels by decreasing H_kk
     lazy_batch: int = 128  # GPTQ lazy-update batch (channels)
     gptq_clip: bool = False  # GPTQ: choose block scales by the α-grid search
+    scale_refit: bool = False  # then least-squares block scales for the final codes (needs statistics)
     precision: str = "float32"  # GPTQ arithmetic: "float32" | "float64"
     act_bits: int = 16  # 16 | 8 | 4
     act_bits_overrides: dict = field(default_factory=dict)  # {"lm_head" = 8, "layers.*.down" = 8}
@@ -169,10 +185,15 @@ class Int4Params:
             for p in getattr(self, key):
                 if not isinstance(p, str) or not p:
                     raise bad(key, f"must be a list of non-empty glob patterns, got {p!r}")
-        if not 16 <= self.block_size <= 256 or self.block_size & (self.block_size - 1):
-            raise bad("block_size", f"must be a power of two in 16..256 (what QMatMul takes), got {self.block_size}")
+        for key, size in [("block_size", self.block_size)] + [
+            (f"block_size_overrides[{pat!r}]", v) for pat, v in self.block_size_overrides.items()
+        ]:
+            if not isinstance(size, int) or isinstance(size, bool) or not 16 <= size <= 256 or size & (size - 1):
+                raise bad(key, f"must be a power of two in 16..256 (what QMatMul takes), got {size!r}")
         if self.algorithm not in ALGORITHMS:
             raise bad("algorithm", f"must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        if self.scale_refit and self.algorithm == "rtn":
+            raise bad("scale_refit", "needs calibration statistics: use algorithm 'rtn-clip' or 'gptq'")
         if self.clip_objective not in ("diag", "full"):
             raise bad("clip_objective", f"must be 'diag' or 'full', got {self.clip_objective!r}")
         if self.clip_grid < 1:
@@ -202,6 +223,13 @@ class Int4Params:
             raise bad("stats_blocks", f"must be at least 1, got {self.stats_blocks}")
         if self.on_unsupported not in ("skip", "error"):
             raise bad("on_unsupported", f"must be 'skip' or 'error', got {self.on_unsupported!r}")
+
+    def block_size_for(self, layer: str) -> int:
+        """block_size of one layer: the first matching override pattern, else block_size."""
+        for pattern, size in self.block_size_overrides.items():
+            if fnmatch.fnmatchcase(layer, pattern):
+                return size
+        return self.block_size
 
     def act_bits_for(self, layer: str) -> int:
         """act_bits of one layer: the first matching override pattern, else act_bits."""
@@ -455,6 +483,55 @@ def quantize_gptq(
     return _pack_result(q, scales, zeros, symmetric, block_size)
 
 
+def refit_block_scales(
+    W: np.ndarray, qw: QuantizedWeight, H: np.ndarray, ridge: float = 1e-9, columns_per_step: int | None = None
+) -> QuantizedWeight:
+    """Least-squares block scales for fixed codes: per column n, with u_bn = (q − z)·[k ∈ block b]
+    (K-vectors, one per block) and Ŵ_{:,n} = Σ_b s_bn·u_bn, minimize the output error
+    (w_n − U_n s_n)ᵀ H (w_n − U_n s_n) over s_n: (U_nᵀ H U_n) s_n = U_nᵀ H w_n, an n_blocks-square
+    system per column. The current scales are feasible, so a column whose refit does not lower its
+    error (or is not finite) keeps them: never worse on the calibration objective. float64."""
+    torch = _torch()
+    K, N = qw.q.shape
+    g, nb = qw.block_size, qw.n_blocks
+    rows = torch.arange(K) // g
+    zp = torch.full((nb, N), 8.0, dtype=torch.float64) if qw.zero_points is None else torch.from_numpy(qw.zero_points).double()
+    Dq = torch.from_numpy(qw.q).double() - zp[rows]  # [K, N], q − z
+    Hd = torch.from_numpy(np.asarray(H, np.float64))
+    Wd = torch.from_numpy(np.asarray(W, np.float64))
+    s0 = torch.from_numpy(qw.scales).double()  # [nb, N]
+    pad = nb * g - K
+
+    def block_sums(x):  # [K, N] → [nb, N], Σ over each block's rows
+        return torch.nn.functional.pad(x, (0, 0, 0, pad)).reshape(nb, g, x.shape[1]).sum(1)
+
+    chunk = columns_per_step or max(1, (1 << 24) // K)  # a [K, chunk] float64 product stays ≈ 128 MB
+    s_new = s0.clone()
+    for n0 in range(0, N, chunk):
+        cols = slice(n0, min(n0 + chunk, N))
+        Dc, Wc, sc = Dq[:, cols], Wd[:, cols], s0[:, cols]
+        G = torch.empty(Dc.shape[1], nb, nb, dtype=torch.float64)  # [n, b, c] = u_bᵀ H u_c
+        for c in range(nb):
+            r0, r1 = c * g, min((c + 1) * g, K)
+            G[:, :, c] = block_sums(Dc * (Hd[:, r0:r1] @ Dc[r0:r1])).T
+        rhs = block_sums(Dc * (Hd @ Wc)).T  # [n, b] = u_bᵀ H w
+        # solve for the change from the current scales; the ridge keeps blocks whose codes are all
+        # at the zero point (u_b = 0, a zero row of G) at their scale
+        diag = torch.diagonal(G, dim1=1, dim2=2)
+        lam = ridge * diag.mean(1, keepdim=True).clamp_min(1e-300)
+        A = G + torch.diag_embed(lam.expand(-1, nb))
+        b = rhs - (G @ sc.T.unsqueeze(2)).squeeze(2)
+        delta, info = torch.linalg.solve_ex(A, b)
+        cand = sc.T + delta  # [n, b]
+        # error per column, before and after: wᵀHw − 2 sᵀr + sᵀGs (the constant cancels)
+        def err(sv):
+            return -2 * (sv * rhs).sum(1) + (sv.unsqueeze(1) @ G @ sv.unsqueeze(2)).reshape(-1)
+
+        ok = (info == 0) & torch.isfinite(cand).all(1) & (err(cand) < err(sc.T))
+        s_new[:, cols] = torch.where(ok.unsqueeze(0), cand.T, sc)
+    return QuantizedWeight(qw.q, s_new.to(torch.float32).numpy(), qw.zero_points, g)
+
+
 def _inverse_cholesky_upper(H, damp: float):
     """Upper Cholesky factor U of (H + λ·mean(diag H)·I)⁻¹ (H⁻¹ = UᵀU), float64; the dampening
     is raised ×10 until the factorization succeeds."""
@@ -671,6 +748,7 @@ class QuantUnit:
     K: int
     N: int
     act_bits: int
+    block_size: int
 
     @property
     def input_name(self) -> str:
@@ -753,7 +831,9 @@ class Int4Pass(CompilerPass):
                     break
                 K, N = (int(d) for d in weight.const_value.shape)
                 uname = lin.name if len(names) == 1 else f"{lin.name}.w{i + 1}"
-                layer_units.append(QuantUnit(uname, lin.name, lin.block, node, weight, K, N, p.act_bits_for(lin.name)))
+                layer_units.append(QuantUnit(
+                    uname, lin.name, lin.block, node, weight, K, N, p.act_bits_for(lin.name), p.block_size_for(lin.name)
+                ))
             if layer_units:
                 units.extend(layer_units)
         # a weight shared by two nodes cannot become two packed copies silently
@@ -800,6 +880,8 @@ class Int4Pass(CompilerPass):
             skipped=problems,
             algorithm=p.algorithm,
             block_size=p.block_size,
+            block_size_overrides=dict(p.block_size_overrides),
+            scale_refit=p.scale_refit,
             symmetric=p.symmetric,
             act_bits=p.act_bits,
             act_bits_overrides=dict(p.act_bits_overrides),
@@ -876,7 +958,7 @@ class Int4Pass(CompilerPass):
                 np.diag(stats.xtx) / max(stats.count, 1),
                 act_bits=min(u.act_bits for u in quantized_act),
                 max_shift=p.trip_max_shift,
-                block_size=p.block_size,
+                block_size=quantized_act[0].block_size,
                 symmetric=p.symmetric,
                 candidates=p.trip_candidates,
             )
@@ -886,11 +968,11 @@ class Int4Pass(CompilerPass):
         # output column is quantized independently (its block scales, codes and error updates use
         # only that column). Their weights are therefore quantized as one [K, ΣN] matrix: the
         # result equals quantizing each layer alone, with one factorization and one channel loop.
-        subsets: dict[bool, list[QuantUnit]] = {}
+        subsets: dict[tuple[bool, int], list[QuantUnit]] = {}
         for u in group:
             shifted = shifts is not None and u.act_bits < 16 and bool(shifts.any())
-            subsets.setdefault(shifted, []).append(u)
-        for shifted, units in subsets.items():
+            subsets.setdefault((shifted, u.block_size), []).append(u)
+        for (shifted, block_size), units in subsets.items():
             t0 = time.perf_counter()
             unit_shift = shifts if shifted else None
             Ws = [weights[u.name] for u in units]
@@ -900,7 +982,7 @@ class Int4Pass(CompilerPass):
                 if H is not None:
                     inv = np.exp2(-unit_shift.astype(np.float64))
                     H_u = H * inv[:, None] * inv[None, :]  # (X·D⁻¹)ᵀ(X·D⁻¹) = D⁻¹ XᵀX D⁻¹
-            qws = split_columns(self.quantize_weight(np.concatenate(Ws, axis=1), H_u), [W.shape[1] for W in Ws])
+            qws = split_columns(self.quantize_weight(np.concatenate(Ws, axis=1), H_u, block_size), [W.shape[1] for W in Ws])
             self._timing["quantize"] += time.perf_counter() - t0
             for u, W, qw in zip(units, Ws, qws):
                 rel = None if H_u is None else _relative_output_error(W, qw.dequantize(), H_u)
@@ -912,18 +994,23 @@ class Int4Pass(CompilerPass):
                 }
                 advance(1, info=u.name)
 
-    def quantize_weight(self, W: np.ndarray, H: np.ndarray | None) -> QuantizedWeight:
+    def quantize_weight(self, W: np.ndarray, H: np.ndarray | None, block_size: int | None = None) -> QuantizedWeight:
         p = self.params
+        block_size = block_size or p.block_size
         if p.algorithm == "gptq":
-            return quantize_gptq(
-                W, H, p.block_size, p.symmetric, damp=p.damp, act_order=p.act_order,
+            qw = quantize_gptq(
+                W, H, block_size, p.symmetric, damp=p.damp, act_order=p.act_order,
                 lazy_batch=p.lazy_batch, clip=p.gptq_clip, clip_grid=p.clip_grid,
                 clip_min_shrink=p.clip_min_shrink, precision=p.precision,
             )  # fmt: skip
-        return quantize_rtn(
-            W, p.block_size, p.symmetric, clip=p.algorithm == "rtn-clip", hessian=H,
-            clip_objective=p.clip_objective, clip_grid=p.clip_grid, clip_min_shrink=p.clip_min_shrink,
-        )  # fmt: skip
+        else:
+            qw = quantize_rtn(
+                W, block_size, p.symmetric, clip=p.algorithm == "rtn-clip", hessian=H,
+                clip_objective=p.clip_objective, clip_grid=p.clip_grid, clip_min_shrink=p.clip_min_shrink,
+            )  # fmt: skip
+        if p.scale_refit and H is not None:
+            qw = refit_block_scales(W, qw, H)
+        return qw
 
     def _replace(self, model: ir.Model, u: QuantUnit, qw: QuantizedWeight, shifts: np.ndarray | None) -> None:
         """MatMul(X, W) → QMatMul(X, data, scales, zero_points?, bias=None, channel_shift?)."""

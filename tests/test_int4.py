@@ -22,6 +22,7 @@ from passes.int4 import (
     quantize_codes,
     quantize_gptq,
     quantize_rtn,
+    refit_block_scales,
     shrink_grid,
     split_columns,
     trip_objective,
@@ -217,6 +218,42 @@ def test_gptq_dead_input_channel():
     assert np.isfinite(qw.scales).all()
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_scale_refit_is_the_least_squares_optimum_for_the_codes(symmetric):
+    """Per column, the refit scales solve min_s ‖X·w − X·U·s‖² (U: the codes minus zero points, one
+    column per block) — checked against numpy's lstsq on X itself; never worse than GPTQ's scales."""
+    X, W, H = correlated_layer(K=80, N=24, seed=9, outlier=3)  # K = 80: a partial last block of 32
+    qw = quantize_gptq(W, H, 32, symmetric, clip=True)
+    ref = refit_block_scales(W, qw, H)
+    np.testing.assert_array_equal(ref.q, qw.q)
+    before, after = output_error(W, qw.dequantize(), H), output_error(W, ref.dequantize(), H)
+    assert after < 0.97 * before
+    np.testing.assert_array_equal(refit_block_scales(W, qw, H, columns_per_step=5).scales, ref.scales)  # chunked
+    K, N = W.shape
+    rows = np.arange(K) // 32
+    zp = 8.0 if qw.zero_points is None else qw.zero_points.astype(np.float64)[rows]
+    Dq = qw.q.astype(np.float64) - zp
+    Xd = X.astype(np.float64)
+    for n in range(N):
+        U = np.zeros((K, qw.n_blocks))
+        U[np.arange(K), rows] = Dq[:, n]
+        s, *_ = np.linalg.lstsq(Xd @ U, Xd @ W[:, n].astype(np.float64), rcond=None)
+        np.testing.assert_allclose(ref.scales[:, n], s, rtol=2e-5, atol=1e-7)
+
+
+def test_scale_refit_keeps_blocks_without_signal():
+    """A block whose codes all sit at the zero point (u_b = 0) has no least-squares scale: it keeps
+    its own; a dead input channel does not make the system singular."""
+    X, W, H = correlated_layer(K=64, N=8, seed=10)
+    qw = quantize_rtn(W, 32, True)
+    qw.q[32:, 2] = 8  # column 2's second block dequantizes to 0 whatever its scale
+    H[5, :] = H[:, 5] = 0.0
+    ref = refit_block_scales(W, qw, H)
+    assert ref.scales[1, 2] == qw.scales[1, 2]
+    assert np.isfinite(ref.scales).all()
+    assert output_error(W, ref.dequantize(), H) <= output_error(W, qw.dequantize(), H)
+
+
 # --------------------------------------------------------------------------------------------
 # activations and TRIP
 # --------------------------------------------------------------------------------------------
@@ -335,6 +372,8 @@ def test_trip_keeps_shifts_zero_without_outliers():
         ({"algorithm": "awq"}, "algorithm"),
         ({"act_bits": 6}, "act_bits"),
         ({"act_bits_overrides": {"lm_head": 5}}, "act_bits_overrides"),
+        ({"block_size_overrides": {"lm_head": 48}}, "block_size_overrides"),
+        ({"scale_refit": True, "algorithm": "rtn"}, "scale_refit"),
         ({"trip": True}, "trip"),
         ({"trip_max_shift": 16, "act_bits": 4}, "trip_max_shift"),
         ({"on_unsupported": "ignore"}, "on_unsupported"),
@@ -356,6 +395,8 @@ def test_layer_selection_and_act_bits_overrides():
     assert not Int4Params(include=["layers.*"]).selects("lm_head")
     assert p.act_bits_for("lm_head") == 8 and p.act_bits_for("layers.3.down") == 16
     assert p.act_bits_for("layers.3.up") == 4
+    b = Int4Params(block_size=64, block_size_overrides={"lm_head": 32, "layers.*.down": 128})
+    assert [b.block_size_for(x) for x in ("lm_head", "layers.2.down", "layers.2.up")] == [32, 128, 64]
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,6 +626,29 @@ def test_already_quantized_model_error_or_skip(tiny_model_dir, tmp_path, calib_f
     record = meta["passes"][-1]["records"][0]
     assert record["quantized"] == 7  # layers.1.*: the still-dense ones
     assert len(record["skipped"]) == 8 and all("already quantized" in s for s in record["skipped"])  # layers.0.*, lm_head
+
+
+def test_block_size_overrides_and_scale_refit_in_the_graph(tiny_model_dir, tmp_path, calib_file):
+    """Overridden layers get their own block size in the QMatMul node and packed scales; the
+    refit lowers the compiled model's logit error against fp32 on calibration-like text."""
+    import onnx_ir as ir
+
+    from compiler.runtime import open_session
+
+    _library_or_skip()
+    ids = open_session(tiny_model_dir, threads=1).encode(CALIB_TEXT * 2)[:64]
+    fp32 = prefill_logits(tiny_model_dir, ids)
+    plain = compile_tiny(tiny_model_dir, tmp_path, "plain", calib_file, block_size=32)
+    out = compile_tiny(tiny_model_dir, tmp_path, "refit", calib_file, block_size=32, scale_refit=True,
+                       block_size_overrides={"lm_head": 16, "layers.*.down": 64})
+    sizes = {n.name: n.attributes.get_int("block_size") for n in ir.load(str(out / "model.onnx")).graph if n.op_type == "QMatMul"}
+    assert sizes["/lm_head/QMatMul"] == 16
+    assert {v for k, v in sizes.items() if "/mlp/down_proj/" in k} == {64}
+    assert {v for k, v in sizes.items() if "/mlp/up_proj/" in k} == {32}
+    record = json.loads((out / "llmfold.json").read_text())["passes"][-1]["records"][0]
+    assert record["scale_refit"] is True and record["block_size_overrides"] == {"lm_head": 16, "layers.*.down": 64}
+    same_blocks = compile_tiny(tiny_model_dir, tmp_path, "refit32", calib_file, block_size=32, scale_refit=True)
+    assert rel_err(prefill_logits(same_blocks, ids), fp32) < rel_err(prefill_logits(plain, ids), fp32)
 
 
 def test_excluded_layers_stay_dense(tiny_model_dir, tmp_path, calib_file):

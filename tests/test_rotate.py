@@ -73,6 +73,33 @@ def test_rotate_is_exact_on_tiny(tiny_layout_dir, tmp_path, kind):
     assert ctx.records[-1]["matrix"].startswith("randomized Hadamard" if kind == "hadamard" else "random orthogonal")
 
 
+def test_rotate_heads_is_exact_on_tiny(tiny_model_dir, tmp_path):
+    """heads = true rotates each head's values and o_proj's rows: logits unchanged; undoing only
+    the o_proj side (control) breaks them, so the test can fail."""
+    from compiler.modeldir import open_model_dir
+    from passes._weights import get_weight, set_weight
+    from passes.rotate import RotatePass, RotateParams
+
+    model = open_model_dir(tiny_model_dir).load_model()
+    ids = sample_ids()
+    before = graph_logits(model, tmp_path, ids)
+    ctx = make_ctx(tiny_model_dir)
+    plain = RotatePass(ctx, RotateParams())(open_model_dir(tiny_model_dir).load_model()).model
+    ctx2 = make_ctx(tiny_model_dir)
+    RotatePass(ctx2, RotateParams(heads=True))(model)
+    assert ctx2.records[-1]["heads"] is True
+    assert max_diff(before, graph_logits(model, tmp_path, ids)) <= TOL
+    s = ctx2.structure(model, refresh=True)
+    assert s.num_heads > s.num_kv_heads  # GQA: a kv head's rotation serves several query heads
+    for b in s.blocks:  # only the value/output weights differ from the plain rotation
+        assert np.abs(get_weight(model, b.v.weight) - get_weight(plain, b.v.weight)).max() > 1e-3
+        assert np.abs(get_weight(model, b.o.weight) - get_weight(plain, b.o.weight)).max() > 1e-3
+        np.testing.assert_allclose(get_weight(model, b.q.weight), get_weight(plain, b.q.weight), atol=1e-6)
+    b = s.blocks[0]
+    set_weight(model, b.o.weight, get_weight(plain, b.o.weight))
+    assert max_diff(before, graph_logits(model, tmp_path, ids)) > 1e-3
+
+
 def test_rotate_without_folding_the_norm_is_not_exact(tiny_model_dir, tmp_path):
     """Control: the exactness test can fail — rotating while keeping the (non-unit) norm weights
     in place changes the logits, because diag(g) does not commute with Q."""
