@@ -546,7 +546,7 @@ void strip4_blocks_t(const IntArgs& p, int64_t m0, int64_t t, const int8_t* apac
 // about 10 % less time in total). Same float operations in the same order as strip4_blocks_t.
 // (A version generalised to several phases per block, for A8 with blocks >= 64, measured 15 %
 // slower in this case and no faster than strip4_blocks_t in that one, so it was dropped.)
-constexpr int64_t kMaxChunkPhases = 32;  // blocks per 512-k chunk at block 16
+constexpr int64_t kMaxChunkPhases = 32;  // blocks per K chunk (int_driver), e.g. 1024 k at block 32
 void strip4_onephase(const IntArgs& p, int64_t t, const int8_t* apack, const int32_t* corr, const uint8_t* unp,
                      int64_t b0, int64_t b1, int64_t phase_groups, float* facc) {
   const PackedInt4& W = *p.W;
@@ -665,8 +665,9 @@ void row_lane_sums(const int8_t* q, int64_t Kp, int64_t phase_groups, bool times
   }
 }
 
+// lpair[phase]: the row's two lane sums of the phase as int16 halves of one int32 (row1_driver).
 template <int NT, bool kOnePhase>
-void row1_tiles(const IntArgs& p, int64_t t, const int32_t* lsum, int64_t phase_groups) {
+void row1_tiles(const IntArgs& p, int64_t t, const int32_t* lpair, int64_t phase_groups) {
   const QuantizedRows& A = *p.A;
   const PackedInt4& W = *p.W;
   const int64_t Kp = W.Kp(), nb = W.n_blocks, gpb = W.block_size / kGroupK;
@@ -676,9 +677,23 @@ void row1_tiles(const IntArgs& p, int64_t t, const int32_t* lsum, int64_t phase_
   const int8_t* const aq = A.q;
   const uint8_t* td = W.data + t * tstride;
   const __m256i ones16 = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0F);
+  // Prefetch in consumption order, kRow1PrefetchBytes ahead in each tile: pf_off bytes from each
+  // weight group, pf_soff floats from each block's scales (zero points: pf_soff bytes). Past the
+  // end of these tiles that is the same place in the next NT tiles, which the caller processes
+  // next (a tile is only 4.6 KB at K = 576): the offsets grow by NT - 1 tiles at block wrap_b.
+  const int64_t pf_blocks = std::max<int64_t>(1, kRow1PrefetchBytes / (gpb * 64));
+  const int64_t wrap_b = nb - pf_blocks % nb;
+  int64_t pf_off = pf_blocks / nb * NT * tstride + pf_blocks % nb * gpb * 64;
+  int64_t pf_soff = (pf_blocks / nb * NT * nb + pf_blocks % nb) * kTileN;
   __m256 facc[NT][2];
   for (int i = 0; i < NT; ++i) facc[i][0] = facc[i][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
+    if (b == wrap_b) pf_off += (NT - 1) * tstride, pf_soff += (NT - 1) * nb * kTileN;
+    for (int i = 0; i < NT; ++i) {
+      const int64_t sidx = ((t + i) * nb + b) * kTileN + pf_soff;
+      _mm_prefetch(reinterpret_cast<const char*>(scales + sidx), _MM_HINT_T0);
+      if (zps) _mm_prefetch(reinterpret_cast<const char*>(zps + sidx), _MM_HINT_T0);
+    }
     __m256i nz[NT][2];
     if (zps) {
       const __m256i dup = _mm256_set1_epi32(0x00010001), zero = _mm256_setzero_si256();
@@ -690,9 +705,8 @@ void row1_tiles(const IntArgs& p, int64_t t, const int32_t* lsum, int64_t phase_
     }
     __m256i d[NT][2] = {};
     for (int64_t ph = 0; ph < phases; ++ph) {
-      const int64_t g0 = b * gpb + ph * phase_groups, pi = g0 / phase_groups;
-      const __m256i s = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(lsum[2 * pi])) |
-                                                               (static_cast<uint32_t>(static_cast<uint16_t>(lsum[2 * pi + 1])) << 16)));
+      const int64_t g0 = b * gpb + ph * phase_groups;
+      const __m256i s = _mm256_set1_epi32(lpair[b * phases + ph]);  // phase g0 / phase_groups
       __m256i acc[NT][2];
       for (int i = 0; i < NT; ++i) {
         acc[i][0] = zps ? _mm256_mullo_epi16(s, nz[i][0]) : s;
@@ -703,7 +717,7 @@ void row1_tiles(const IntArgs& p, int64_t t, const int32_t* lsum, int64_t phase_
         const __m256i ahi = _mm256_set1_epi32(load_i32(aq + g * kGroupK + 4));
         for (int i = 0; i < NT; ++i) {
           const uint8_t* gp = td + i * tstride + g * 64;
-          _mm_prefetch(reinterpret_cast<const char*>(gp + kRow1PrefetchBytes), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(gp + pf_off), _MM_HINT_T0);
           const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gp));
           const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gp + 32));
           acc[i][0] = _mm256_add_epi16(acc[i][0], _mm256_maddubs_epi16(_mm256_and_si256(v0, mask), alo));
@@ -756,17 +770,22 @@ void row1_driver(const IntArgs& p, int64_t tile_begin, int64_t tile_end) {
   const PackedInt4& W = *p.W;
   const int64_t Kp = W.Kp(), gpb = W.block_size / kGroupK;
   const int64_t phase_groups = p.act_bits == 4 ? gpb : std::min<int64_t>(gpb, 4);  // int16 lane bound, see pack_strip4
-  int32_t* lsum = scratch(t_lsum, static_cast<size_t>(2 * (Kp / kGroupK / phase_groups)));
+  const int64_t nph = Kp / kGroupK / phase_groups;
+  int32_t* lsum = scratch(t_lsum, static_cast<size_t>(3 * nph));
   row_lane_sums(p.A->q, Kp, phase_groups, W.zero_points == nullptr, lsum);
+  int32_t* lpair = lsum + 2 * nph;  // (s0, s1) as the int16 halves of one int32, broadcast per phase
+  for (int64_t i = 0; i < nph; ++i)
+    lpair[i] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(lsum[2 * i])) |
+                                    (static_cast<uint32_t>(static_cast<uint16_t>(lsum[2 * i + 1])) << 16));
   const bool one = phase_groups == gpb;
   int64_t t = tile_begin;
   for (; t + 2 <= tile_end; t += 2) {
-    if (one) row1_tiles<2, true>(p, t, lsum, phase_groups);
-    else row1_tiles<2, false>(p, t, lsum, phase_groups);
+    if (one) row1_tiles<2, true>(p, t, lpair, phase_groups);
+    else row1_tiles<2, false>(p, t, lpair, phase_groups);
   }
   if (t < tile_end) {
-    if (one) row1_tiles<1, true>(p, t, lsum, phase_groups);
-    else row1_tiles<1, false>(p, t, lsum, phase_groups);
+    if (one) row1_tiles<1, true>(p, t, lpair, phase_groups);
+    else row1_tiles<1, false>(p, t, lpair, phase_groups);
   }
 }
 
@@ -784,15 +803,20 @@ void int_driver(const IntArgs& p, int64_t M, int64_t tile_begin, int64_t tile_en
     }
     return;
   }
-  // GEMM blocking: K chunks of kChunk k (whole blocks; the chunk of a tile, unpacked to one byte
-  // per nibble, is 16 * kChunk bytes = 8 KB and stays in L1), each tile's chunk unpacked once per
+  // GEMM blocking: K chunks of <= 1024 k (whole blocks, at most kMaxChunkPhases of them, K split
+  // evenly: 576 = one chunk, 1536 = 2 x 768, 4096 = 4 x 1024; the chunk of a tile, unpacked to one
+  // byte per nibble, is 16 bytes per k <= 16 KB and stays in L1; 512-k chunks, 576 as 512 + 64,
+  // executed 2-4 % more instructions: per-chunk calls, partial-sum loads and stores, unpacking
+  // calls), each tile's chunk unpacked once per
   // row block and reused by all its 4-row strips (4 rows x 16 columns: 8 int16 accumulators,
   // 4 weight and 2 activation registers). Activations are packed per 4-row strip as [group][4][8]
   // (one row block: up to 1 MB, usually all rows, so the packed weights stream from memory once);
-  // the chunk of every strip (4 x kChunk bytes) is read from L2 per tile. Float partial sums live
+  // the chunk of every strip (4 bytes per k) is read from L2 per tile. Float partial sums live
   // in acc [tile][row][16] between chunks; tile groups bound it to ~512 KB.
   const int64_t Kp = W.Kp(), bs = W.block_size, gpb = bs / kGroupK;
-  const int64_t chunk_blocks = std::max<int64_t>(1, 512 / bs);
+  const int64_t max_chunk_blocks = std::max<int64_t>(1, std::min<int64_t>(kMaxChunkPhases, 1024 / bs));
+  const int64_t n_chunks = (nb + max_chunk_blocks - 1) / max_chunk_blocks;
+  const int64_t chunk_blocks = (nb + n_chunks - 1) / n_chunks;
   const int64_t rb = std::max<int64_t>(4, std::min<int64_t>(M, (int64_t{1} << 20) / Kp / 4 * 4));
   uint8_t* unp = scratch(t_unpacked, static_cast<size_t>(chunk_blocks * gpb * 128));
   int8_t* apack = scratch(t_apack, static_cast<size_t>(rb * Kp));
