@@ -53,7 +53,9 @@ plus whatever positive-definite repair G̃ needed. Where X̃ = X exactly, W* = (
 for any δ, so full rank stays exact even when XᵀX is singular. The refit is a K×N regression
 from a few ten thousand tokens and overfits without it (layers.5.down of SmolLM2 refit on 16×512
 tokens: relative error 0.28 on them but 0.67 on held-out text, worse than no update, 0.60); damp = 0.05 took svd-20 from
-3.11× to 2.46× the fp32 perplexity (0.15: 2.48×).
+3.11× to 2.46× the fp32 perplexity (0.15: 2.48×). The ridge does not replace data: svd-20 with
+64 instead of 32 calibration windows went from 91.2 to 86.6 (damp 0.05; the recipes now use 48,
+the most the svd-20 compile budget allows, or 64 for svd-10).
 
 Token weights (`token_weights = "residual"`): the error the next RMSNorm sees
 ----------------------------------------------------------------------------
@@ -81,6 +83,42 @@ all three 74.0, svd-40 137.8, vs 104.0 / 221.0 with the unregularized refit alon
 The trade-off: a massive token then counts as one token, so its own relative error is not
 protected beyond that (tests/test_svd.py builds the case); the first tokens are attention sinks,
 which argues for weighting them by the attention they receive, not done here.
+
+Downstream output metrics (`output_metric = ["q", "k", "v", "gate", "up"]`)
+-------------------------------------------------------------------------
+The refit of a layer whose output is not added to the residual stream measures its error as
+‖X̃W' − T‖² in the output's own coordinates, but the next operation weighs those coordinates very
+unequally. With a positive definite output metric M (N×N, or diagonal) the objective becomes
+
+    tr((X̃W' − T)·M·(X̃W' − T)ᵀ) + δ·tr((W' − W)·M·(W' − W)ᵀ),
+
+which is the plain problem for W'' = W'·M^½ and target T·M^½ (M^½ is invertible, so it maps rank-k
+matrices onto rank-k matrices): B'' = (B + δW)·M^½, the same whitened truncation, then W₂ = W₂''·M^−½.
+Every statement above (optimality, theorem, full rank exact) holds in the M norm; the tests check
+the optimum and the theorem for a diagonal and a full M. Each M is a first-order model of what the
+error meets next, built from the original weights and this stage's statistics, normalized to mean
+(diagonal) 1 with a floor of 1e-3 (a channel the model says is irrelevant is still fitted a little):
+
+  q, k   the score q_h·k_g (g = the KV head of query head h, after RoPE): Δq costs Σ_keys (Δq·k)²,
+         i.e. the metric E[k kᵀ] of the keys it meets; RoPE rotates dims d and d + head_dim/2
+         together by position-dependent angles, which averages each pair's energy over the window
+         and cancels the cross terms, so M_q = diag of the key energy of head g per RoPE pair
+         (e_k = diag(W_kᵀG̃W_k) paired), and M_k = Σ_{h→g} paired query energy. The massive
+         low-frequency q/k dims of SmolLM2 thus get the rank; an error where the partner is ~0
+         costs nothing. (Uncentered energy: a constant score shift is softmax-invariant, so this
+         overweights the keys' mean; not refined here.)
+  v      ΔV_g reaches o's output as Σ_{h→g} A_h·ΔV_g·W_o[h] (A_h the attention of head h, W_o[h] its
+         head_dim rows of W_o): M_v = blockdiag_g Σ_{h→g} W_o[h]·W_o[h]ᵀ (the heads' errors taken as
+         adding incoherently).
+  gate,  h = silu(g) ⊙ u, out = h·W_d: Δu_c reaches out as silu(g_c)·Δu_c·W_d[c], Δg_c as
+  up     silu′(g_c)·u_c·Δg_c·W_d[c]; diagonals M_up = E[silu(g)²]·‖W_d[c]‖², M_gate =
+         E[(silu′(g)·u)²]·‖W_d[c]‖² (token-weighted means over one calibration batch; the full
+         metric (W_dW_dᵀ) ⊙ E[s sᵀ] would need a 1536² eigendecomposition per layer).
+
+o and down write the residual stream and keep their token weights (the next RMSNorm is their
+"metric"). Measured (svd-20 settings, 32 windows): q/k/v 91.2 → 89.3, q/k/v/gate/up → 86.4;
+with 48 windows 84.0 (1.96× fp32; 64 windows without metrics: 86.6). svd-10 with 64 windows and
+all five metrics: 74.0 → 69.2.
 
 Quantized inputs (`act_bits` < 16): svd-20-w4a8 went from 894× to 3.77× the fp32 perplexity
 -------------------------------------------------------------------------------------------
@@ -127,7 +165,13 @@ everything upstream, including earlier layers of the same block, is already comp
 compressed block costs one block forward in total. Memory: the block's tapped activations for all
 calibration tokens, original and compressed (≈ 0.5 GB for SmolLM2 at 32×512), plus O(K²) sums.
 Cost: about one forward of the original and one of the compressed decoder over the calibration
-set, plus the Gram products and one SVD per layer.
+set, plus the Gram products and one SVD per layer. The record's `cpu_seconds` splits it (svd-20,
+32 windows, shared machine): block forwards ~180 s, statistics products ~155 s (both linear in the
+windows), fits ~100 s (fixed). Hence: Gram matrices as (D^½X̃)ᵀ(D^½X̃) (BLAS syrk, half a GEMM),
+down's X̃ᵀ(X·W) and X̃ᵀ(R − R̃) as one product X̃ᵀ(X·W + R − R̃), one Cholesky per stage, the
+leading singular triplets from the eigendecomposition of the smaller Gram matrix of S̃⁻¹B
+(`_svd_top`, ~2.5× cheaper than the SVD; SVD fallback when σ_k < 1e-6·σ₁) and the error
+diagnostic in float32.
 
 Rank allocation
 ---------------
@@ -154,7 +198,10 @@ are the least efficient to factorize (to remove a fraction r a pair keeps (1−r
 layer's rank but (1−r)·0.73 of gate/up/down's), yet spending the whole svd-20 budget on the MLP
 (`include` gate/up/down, ratio 0.2667, attention dense) measured 97.6 vs 93.7 uniform on all seven
 linears: an evenly spread truncation, each layer refit against the compressed upstream, beats
-concentrating it. `uniform` is therefore what the recipes use.
+concentrating it. A bounded knapsack (every rank within ±25 % of the uniform rank, no layer dense;
+tried with the svd-20 settings below, 48 windows, output metrics) still lost: 87.8 vs 84.0 uniform
+(it cut q/o/gate to 0.75× and gave up/down 1.1–1.25×; truncation loss 4.36 vs 6.12 by its own
+measure). `uniform` is therefore what the recipes use; the bounded variant was not kept.
 """
 
 from __future__ import annotations
@@ -210,6 +257,27 @@ def _svd(M: np.ndarray):
     with _lapack() as torch:
         U, s, Vt = torch.linalg.svd(_t(M), full_matrices=False)
     return U.numpy(), s.numpy(), Vt.numpy()
+
+
+def _svd_top(M: np.ndarray, k: int, min_ratio: float = 1e-6):
+    """The k leading singular triplets of M (U[:, :k], all σ, Vt[:k]) through the eigendecomposition
+    of the smaller Gram matrix MᵀM or MMᵀ: ~3× less CPU than an SVD of a 1536×576 matrix. Squaring
+    costs precision ~ε·σ₁²/σ_i² on σ_i, so when σ_k < min_ratio·σ₁ this falls back to the SVD.
+    The singular vectors of the smaller side come from the eigenvectors, the other side's as
+    M·v/σ (orthonormal to the same precision)."""
+    K, N = M.shape
+    with _lapack() as torch:
+        A = _t(M)
+        lam, V = torch.linalg.eigh(A.T @ A if K >= N else A @ A.T)
+        lam, V = lam.flip(0).clamp(min=0.0), V.flip(1)
+        sigma = lam.sqrt()
+        if k > len(sigma) or not float(sigma[k - 1]) > min_ratio * float(sigma[0]):
+            U, s, Vt = torch.linalg.svd(A, full_matrices=False)
+            return U[:, :k].numpy(), s.numpy(), Vt[:k].numpy()
+        Vk = V[:, :k]
+        if K >= N:  # V: right singular vectors
+            return (A @ Vk / sigma[:k]).numpy(), sigma.numpy(), Vk.T.numpy()
+        return Vk.numpy(), sigma.numpy(), ((Vk.T @ A) / sigma[:k, None]).numpy()
 
 
 def _svdvals(M: np.ndarray) -> np.ndarray:
@@ -332,18 +400,116 @@ def whitened_spectrum(W: np.ndarray, S: np.ndarray | None) -> np.ndarray:
     return _svdvals(M)
 
 
-def reduced_rank_fit(S_in: np.ndarray, B: np.ndarray, rank: int) -> LowRankFactors:
+def reduced_rank_fit(S_in: np.ndarray, B: np.ndarray, rank: int, out_metric: np.ndarray | None = None) -> LowRankFactors:
     """argmin over rank-k W' of ‖X̃·W' − T‖_F², given X̃ᵀX̃ = S̃S̃ᵀ (S_in) and B = X̃ᵀT.
 
     W* = (S̃S̃ᵀ)⁻¹B is the unconstrained solution and S̃ᵀW* = S̃⁻¹B; truncating its SVD in the S̃
     metric is optimal (see the module docstring). `sigma` is the spectrum of S̃⁻¹B.
+
+    `out_metric` (M: a positive vector, read as diag(M), or an N×N positive definite matrix)
+    measures the error in the output metric instead: argmin tr((X̃W' − T)·M·(X̃W' − T)ᵀ). With R = M^½
+    that is the plain problem for W'' = W'R and target TR (B'' = B·R; R is invertible, so rank k
+    is preserved both ways): fit, then W₂ = W₂''·R⁻¹ ("Downstream output metrics").
     """
     S_in = np.asarray(S_in, np.float64)
     B = np.asarray(B, np.float64)
     k = _check_rank(rank, *B.shape)
+    R = Rinv = None
+    if out_metric is not None:
+        R, Rinv = metric_roots(out_metric, B.shape[1])
+        B = B * R[None, :] if R.ndim == 1 else B @ R
     M = _solve_triangular(S_in, B, upper=False)  # S̃⁻¹B = S̃ᵀW*
-    U, sigma, Vt = _svd(M)
-    return _factors_from_svd(U, sigma, Vt, k, S_in.T)
+    U, sigma, Vt = _svd_top(M, k)
+    f = _factors_from_svd(U, sigma, Vt, k, S_in.T)
+    if Rinv is not None:
+        f.W2 = f.W2 * Rinv[None, :] if Rinv.ndim == 1 else f.W2 @ Rinv
+    return f
+
+
+def metric_roots(metric: np.ndarray, N: int) -> tuple[np.ndarray, np.ndarray]:
+    """(M^½, M^−½) of an output metric: a positive vector (diagonal; returned as vectors) or a
+    symmetric positive definite N×N matrix (symmetric roots through its eigendecomposition)."""
+    m = np.asarray(metric, np.float64)
+    if m.ndim == 1:
+        if m.shape != (N,) or not np.all(np.isfinite(m)) or np.any(m <= 0):
+            raise ValueError(f"a diagonal output metric must be {N} positive numbers")
+        r = np.sqrt(m)
+        return r, 1.0 / r
+    if m.shape != (N, N) or not np.all(np.isfinite(m)):
+        raise ValueError(f"an output metric matrix must be finite and {N}×{N}")
+    with _lapack() as torch:
+        lam, V = torch.linalg.eigh(_t((m + m.T) * 0.5))
+    lam, V = lam.numpy(), V.numpy()
+    if lam[0] <= 0:
+        raise ValueError("an output metric matrix must be positive definite")
+    return (V * np.sqrt(lam)) @ V.T, (V / np.sqrt(lam)) @ V.T
+
+
+def _floor_and_normalize(m: np.ndarray, floor: float) -> np.ndarray:
+    """Diagonal metric → mean 1 with every entry ≥ floor; a matrix → mean diagonal 1, eigenvalues
+    ≥ floor (added to the diagonal)."""
+    m = np.asarray(m, np.float64)
+    if m.ndim == 1:
+        scale = float(np.mean(m))
+        m = m / scale if scale > 0 else np.ones_like(m)
+        return np.maximum(m, floor)
+    scale = float(np.mean(np.diag(m)))
+    m = m / scale if scale > 0 else np.eye(len(m))
+    return (m + m.T) * 0.5 + floor * np.eye(len(m))
+
+
+def attention_output_metrics(Wq: np.ndarray, Wk: np.ndarray, Wo: np.ndarray, G: np.ndarray, head_dim: int,
+                             num_kv_heads: int, floor: float = 1e-3) -> dict[str, np.ndarray]:
+    """Output metrics of q, k (diagonal) and v (block-diagonal matrix) from what their errors meet
+    downstream (module docstring, "Downstream output metrics").
+
+    G = XᵀX of the common input. Pre-RoPE energies e_q = diag(W_qᵀGW_q), e_k = diag(W_kᵀGW_k);
+    RoPE (rotate_half: dims d and d + head_dim/2 rotate together) mixes each pair, so a pair's
+    energy is shared by both of its dims. A score error Δq_h·k_g (g = the KV head of query head h)
+    costs ‖Δq‖² in the metric diag(ē_k of head g); Δk_g costs Σ_{h→g} ē_q[h]. A value error ΔV_g
+    reaches o's output as Σ_{h→g} A_h·ΔV_g·W_o[h] (A_h the attention of head h, W_o[h] its
+    head_dim rows of W_o): metric Σ_{h→g} W_o[h]·W_o[h]ᵀ (assuming the heads' errors do not add
+    coherently)."""
+    d, KV = head_dim, num_kv_heads
+    H = Wq.shape[1] // d
+    if Wq.shape[1] != H * d or Wk.shape[1] != KV * d or Wo.shape[0] != H * d or H % KV:
+        raise ValueError("attention shapes do not match head_dim / num_kv_heads")
+    rep = H // KV
+    half = d // 2
+
+    def paired(e, heads):
+        e = e.reshape(heads, 2, half)
+        return np.repeat(e.mean(axis=1, keepdims=True), 2, axis=1).reshape(heads, d)
+
+    e_q = paired(np.einsum("kn,kn->n", Wq, G @ Wq), H)  # [H, d]
+    e_k = paired(np.einsum("kn,kn->n", Wk, G @ Wk), KV)  # [KV, d]
+    m_q = np.repeat(e_k, rep, axis=0).reshape(-1)
+    m_k = e_q.reshape(KV, rep, d).sum(axis=1).reshape(-1)
+    m_v = np.zeros((KV * d, KV * d))
+    for h in range(H):
+        g = h // rep
+        rows = Wo[h * d:(h + 1) * d]
+        m_v[g * d:(g + 1) * d, g * d:(g + 1) * d] += rows @ rows.T
+    return {"q": _floor_and_normalize(m_q, floor), "k": _floor_and_normalize(m_k, floor),
+            "v": _floor_and_normalize(m_v, floor)}
+
+
+def mlp_output_metrics(X: np.ndarray, Wg: np.ndarray, Wu: np.ndarray, Wd: np.ndarray,
+                       weights: np.ndarray | None = None, floor: float = 1e-3) -> dict[str, np.ndarray]:
+    """Diagonal output metrics of gate and up from what their errors meet downstream: the MLP
+    computes h = silu(g) ⊙ u, out = h·W_d, so to first order Δu_c reaches the output as
+    silu(g_c)·Δu_c·W_d[c] and Δg_c as silu′(g_c)·u_c·Δg_c·W_d[c]. Their diagonals (token-weighted
+    means over the sample rows X, original weights): m_up = E[silu(g)²]·‖W_d[c]‖²,
+    m_gate = E[(silu′(g)·u)²]·‖W_d[c]‖²."""
+    X = np.asarray(X, np.float64)
+    g, u = X @ Wg, X @ Wu
+    sig = 1.0 / (1.0 + np.exp(-np.clip(g, -60, 60)))
+    s, ds = g * sig, sig * (1.0 + g * (1.0 - sig))
+    w = np.ones(len(X)) if weights is None else np.asarray(weights, np.float64).reshape(-1)
+    w = w / np.sum(w)
+    rows = np.sum(Wd**2, axis=1)
+    return {"up": _floor_and_normalize((w @ s**2) * rows, floor),
+            "gate": _floor_and_normalize((w @ (ds * u) ** 2) * rows, floor)}
 
 
 def refit_first_factor(S_in: np.ndarray, B: np.ndarray, W2: np.ndarray) -> np.ndarray:
@@ -585,6 +751,9 @@ def _best_swap(options, picks, surplus: float, tol: float = 1e-12):
 # parameters
 
 
+METRIC_ROLES = ("q", "k", "v", "gate", "up")
+
+
 @dataclasses.dataclass
 class SvdParams:
     """Recipe keys of the svd pass."""
@@ -598,6 +767,8 @@ class SvdParams:
     damp: float = 0.0  # refit ridge toward W: + δ‖W' − W‖², δ = damp·mean(diag G̃)
     token_weights: Literal["none", "residual"] = "none"  # "residual": o/gate/up/down weight token t
     # by 1/rms²(residual stream it is added to), the error the next RMSNorm passes on (docstring)
+    output_metric: list[str] = dataclasses.field(default_factory=list)  # roles among q, k, v, gate,
+    # up whose refit measures the error in the metric of what it meets downstream (docstring)
     act_bits: int = 16  # per-token activation bits the pair's input gets downstream (int4 act_bits):
     # < 16 fits the pair to the quantized input in expectation (ridge toward 0, module docstring)
     include: list[str] = dataclasses.field(default_factory=lambda: ["*"])  # layer-name globs
@@ -635,6 +806,11 @@ class SvdParams:
             raise UserError(f"token_weights must be \"none\" or \"residual\", got {self.token_weights!r}")
         if self.token_weights != "none" and not (self.whiten or self.update):
             raise UserError("token_weights needs calibration statistics: set whiten = true or update = true")
+        bad = [r for r in self.output_metric if r not in METRIC_ROLES]
+        if bad:
+            raise UserError(f"output_metric takes roles among {', '.join(METRIC_ROLES)}, got {bad}")
+        if self.output_metric and not (self.update and self.refit == "both"):
+            raise UserError("output_metric needs update = true and refit = \"both\" (it changes the reduced-rank refit)")
         if self.residual_target and not self.update:
             raise UserError("residual_target needs update = true (it changes the refit's target)")
 
@@ -830,6 +1006,7 @@ class _Stage:
     input: str
     layers: list  # compiler.structure.Linear
     partners: dict[str, str]  # layer name → the residual value its output is added to
+    add_outputs: dict[str, str] = dataclasses.field(default_factory=dict)  # layer name → that Add's output
 
 
 @dataclass
@@ -840,11 +1017,14 @@ class _Acc:
     gram_tilde: np.ndarray  # X̃ᵀX̃
     gram: np.ndarray | None  # XᵀX (without update, or for refit = "w1")
     cross: np.ndarray | None  # X̃ᵀX (when cheaper than per-layer X̃ᵀY)
-    cross_out: dict[str, np.ndarray]  # layer → X̃ᵀ(X·W) when `cross` is None
+    cross_out: dict[str, np.ndarray]  # layer → X̃ᵀ(X·W) when `cross` is None (+ X̃ᵀ(R − R̃) with the
+    # residual target: one product instead of two; then `resid` has no entry for the layer)
     resid: dict[str, np.ndarray]  # layer → X̃ᵀ(R − R̃) (residual target)
     weights: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # layer → W (float64)
     sample_x: np.ndarray | None = None  # one batch of X and X̃ rows, for the error diagnostic
     sample_xt: np.ndarray | None = None
+    sample_w: np.ndarray | None = None  # their token weights (None: unweighted)
+    whitened: Whitening | None = None  # the factorization of G̃ (+ ridge), shared by the stage's layers
     noise: float = 0.0  # Σ_t Δ_t²/12, Δ_t = max_k |x_tk| / Q: per-channel energy of the act. rounding
 
 
@@ -858,7 +1038,7 @@ def _block_stages(model: ir.Model, block, selected: set[str]) -> list[_Stage]:
             groups.setdefault(lin.input, []).append(lin)
     stages = []
     for inp, lins in groups.items():
-        partners = {}
+        partners, add_outputs = {}, {}
         for lin in lins:
             out = values[lin.output]
             uses = list(out.uses())
@@ -866,7 +1046,8 @@ def _block_stages(model: ir.Model, block, selected: set[str]) -> list[_Stage]:
                 other = [v for v in uses[0].node.inputs if v is not out]
                 if len(other) == 1 and other[0] is not None:
                     partners[lin.name] = other[0].name
-        stages.append(_Stage(inp, lins, partners))
+                    add_outputs[lin.name] = uses[0].node.outputs[0].name
+        stages.append(_Stage(inp, lins, partners, add_outputs))
 
     def position(stage: _Stage) -> int:
         prod = values[stage.input].producer()
@@ -946,6 +1127,7 @@ class SvdPass(CompilerPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         p, ctx = self.params, self.ctx
         t_start = time.perf_counter()
+        self._cpu: dict[str, float] = {}
         structure = ctx.structure(model)
         candidates = [lin for b in structure.blocks for lin in b.linears() if p.selects(lin.name)]
         if not candidates:
@@ -972,7 +1154,8 @@ class SvdPass(CompilerPass):
                 # the ranks only need the spectra's shape: a few windows measure it well and keep
                 # this extra pass over the original model cheap
                 few = SubgraphRunner(runner.windows[: p.budget_windows], ctx.threads, runner.kv_shape)
-                return self._whitened_spectra(model, structure, layers, few)
+                with self._phase("spectra"):
+                    return self._whitened_spectra(model, structure, layers, few)
             return {lin.name: whitened_spectrum(self._weight(model, lin), None) for lin in layers}
 
         ranks, spectra = self._ranks(layers, spectra_fn)
@@ -1015,8 +1198,10 @@ class SvdPass(CompilerPass):
             ratio=p.ratio, allocation=p.allocation if p.rank is None else f"fixed rank {p.rank}",
             whiten=p.whiten, update=p.update, refit=p.refit if p.update else None,
             residual_target=p.residual_target, damp=p.damp, act_bits=p.act_bits, token_weights=p.token_weights,
+            output_metric=list(p.output_metric),
             params_before=before, params_after=after,
             removed_fraction=round(1 - after / before, 6), factorized=len(todo), seconds=round(seconds, 1),
+            cpu_seconds={k: round(v, 1) for k, v in self._cpu.items()},
             layers=rows,
         )
         ctx.log(
@@ -1026,6 +1211,18 @@ class SvdPass(CompilerPass):
         return ir.passes.PassResult(model, True)
 
     # -- helpers -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        """Adds the process CPU time (all threads) spent inside to self._cpu[name] (the record's
+        cpu_seconds: where the pass's cost goes: block forwards, statistics products, fits)."""
+        if not hasattr(self, "_cpu"):
+            self._cpu = {}
+        t0 = time.process_time()
+        try:
+            yield
+        finally:
+            self._cpu[name] = self._cpu.get(name, 0.0) + time.process_time() - t0
+
     @staticmethod
     def _weight(model: ir.Model, lin) -> np.ndarray:
         return np.asarray(model.graph.initializers[lin.weight].const_value.numpy(), np.float64)
@@ -1104,10 +1301,14 @@ class SvdPass(CompilerPass):
                 # 1. the original block (not yet rewritten) on the original states
                 outs = list(dict.fromkeys(taps + (partner_values if p.update else [])))
                 adds = self._residual_adds(model, b) if p.token_weights == "residual" else {}
-                orig_outs = list(dict.fromkeys(outs + ([nxt] if nxt else []) + [v for v in adds.values() if v]))
-                orig = self._materialize(model, runner, {b.residual_in: orig_states}, orig_outs)
+                # the original residual Adds' outputs: token weights, and the residual target in one
+                # piece (X·W + R = the Add's output, see _accumulate)
+                add_outs = [v for s in stages for v in s.add_outputs.values()] if p.update and p.residual_target else []
+                orig_outs = list(dict.fromkeys(outs + ([nxt] if nxt else []) + [v for v in adds.values() if v] + add_outs))
+                with self._phase("forward"):
+                    orig = self._materialize(model, runner, {b.residual_in: orig_states}, orig_outs)
                 stage_weights = self._stage_weights(b, stages, adds, orig)
-                new_orig = orig.pop(nxt) if nxt else None
+                new_orig = orig[nxt] if nxt else None
                 orig[b.residual_in] = orig_states
                 # 2. stage by stage: statistics of the current graph, fit, rewrite
                 comp = {b.residual_in: comp_states} if p.update else None
@@ -1118,13 +1319,18 @@ class SvdPass(CompilerPass):
                         extra = [v for v in taps + partner_values if v not in comp and v not in want and deps.get(v, 99) < si]
                         missing = [v for v in dict.fromkeys(want) if v not in comp]
                         if missing:
-                            comp.update(self._materialize(model, runner, comp, missing + extra))
-                    acc = self._accumulate(stage, orig, comp, runner, model, stage_weights.get(stage.input))
-                    for lin in stage.layers:
-                        results[lin.name] = self._fit_and_rewrite(model, lin, ranks[lin.name], acc)
+                            with self._phase("forward"):
+                                comp.update(self._materialize(model, runner, comp, missing + extra))
+                    with self._phase("statistics"):
+                        acc = self._accumulate(stage, orig, comp, runner, model, stage_weights.get(stage.input))
+                    with self._phase("fit"):
+                        metrics = self._output_metrics(model, structure, b, stage, acc) if p.output_metric else {}
+                        for lin in stage.layers:
+                            results[lin.name] = self._fit_and_rewrite(model, lin, ranks[lin.name], acc, metrics.get(lin.name))
                 # 3. advance the states
                 if nxt and p.update:
-                    comp_states = self._materialize(model, runner, comp, [nxt])[nxt]
+                    with self._phase("forward"):
+                        comp_states = self._materialize(model, runner, comp, [nxt])[nxt]
                 orig_states = new_orig
                 del orig, comp
                 advance(1, info=f"block {b.index}: {time.perf_counter() - t0:.1f} s")
@@ -1178,41 +1384,87 @@ class SvdPass(CompilerPass):
         weights32 = {n: w.astype(np.float32) for n, w in weights.items()}
         need_gram = (not p.update) or p.refit == "w1"
         acc = _Acc(K, np.zeros((K, K)), np.zeros((K, K)) if need_gram else None, None, {}, {}, weights)
-        use_cross = K <= sum(lin.N for lin in stage.layers)
+        partners = stage.partners if (p.update and p.residual_target) else {}
+        # residual target with the original Add's output at hand: T = X·W + R − R̃ = A − R̃, so
+        # B = X̃ᵀD(A − R̃) is one product and needs neither X·W nor a separate X̃ᵀD(R − R̃)
+        direct = {n: stage.add_outputs[n] for n in partners if stage.add_outputs.get(n) in orig}
+        others = [lin for lin in stage.layers if lin.name not in direct]
+        use_cross = bool(others) and K <= sum(lin.N for lin in others)
         if p.update and use_cross:
             acc.cross = np.zeros((K, K))
-        partners = stage.partners if (p.update and p.residual_target) else {}
         first = True
         qmax = {8: 127.0, 4: 7.0}.get(p.act_bits)
         for sl in runner.batches():
             x = orig[stage.input][sl].reshape(-1, K)
             w = None if token_weights is None else token_weights[sl].reshape(-1, 1)
+            sw = None if w is None else np.sqrt(w)  # D^½: Gram products as (D^½X)ᵀ(D^½X) (BLAS syrk, half a GEMM)
             if need_gram:
-                acc.gram += ((x if w is None else x * w).T @ x).astype(np.float64)
+                xs = x if sw is None else x * sw
+                acc.gram += (xs.T @ xs).astype(np.float64)
             if not p.update:
                 if qmax:
                     acc.noise += activation_noise_energy(x, qmax, w)
                 continue
             xt = comp[stage.input][sl].reshape(-1, K)
-            xtw = xt if w is None else xt * w  # D·X̃: every sum below is X̃ᵀD(·)
+            xs = xt if sw is None else xt * sw
+            xtw = xt if w is None else xs * sw  # D·X̃: every sum below is X̃ᵀD(·)
             if qmax:
                 acc.noise += activation_noise_energy(xt, qmax, w)
-            acc.gram_tilde += (xtw.T @ xt).astype(np.float64)
+            acc.gram_tilde += (xs.T @ xs).astype(np.float64)
+            for lname, av in direct.items():
+                rv = partners[lname]
+                D = orig[av].shape[-1]
+                y = orig[av][sl].reshape(-1, D) - comp[rv][sl].reshape(-1, D)
+                acc.cross_out[lname] = acc.cross_out.get(lname, 0.0) + (xtw.T @ y).astype(np.float64)
+            resid = {}
+            for lname, rv in partners.items():
+                if lname in direct:
+                    continue
+                D = orig[rv].shape[-1]
+                resid[lname] = orig[rv][sl].reshape(-1, D) - comp[rv][sl].reshape(-1, D)
             if acc.cross is not None:
                 acc.cross += (xtw.T @ x).astype(np.float64)
+                for lname, d in resid.items():
+                    acc.resid[lname] = acc.resid.get(lname, 0.0) + (xtw.T @ d).astype(np.float64)
             else:
-                for lin in stage.layers:
-                    acc.cross_out[lin.name] = acc.cross_out.get(lin.name, 0.0) + (xtw.T @ (x @ weights32[lin.name])).astype(np.float64)
-            for lname, rv in partners.items():
-                D = orig[rv].shape[-1]
-                d = orig[rv][sl].reshape(-1, D) - comp[rv][sl].reshape(-1, D)
-                acc.resid[lname] = acc.resid.get(lname, 0.0) + (xtw.T @ d).astype(np.float64)
+                # X̃ᵀ(X·W) and X̃ᵀ(R − R̃) in one product: X̃ᵀ(X·W + R − R̃) (kept in cross_out)
+                for lin in others:
+                    y = x @ weights32[lin.name]
+                    if lin.name in resid:
+                        y += resid[lin.name]
+                    acc.cross_out[lin.name] = acc.cross_out.get(lin.name, 0.0) + (xtw.T @ y).astype(np.float64)
             if first:  # a diagnostic sample for the per-layer output error
-                acc.sample_x, acc.sample_xt = x.astype(np.float64), xt.astype(np.float64)
+                acc.sample_x, acc.sample_xt = x.astype(np.float32), xt.astype(np.float32)
+                acc.sample_w = None if w is None else w.reshape(-1).astype(np.float64)
                 first = False
         return acc
 
-    def _fit_and_rewrite(self, model, lin, k: int, acc: _Acc) -> dict:
+    def _output_metrics(self, model, structure, block, stage: _Stage, acc: _Acc) -> dict[str, np.ndarray]:
+        """layer name → its output metric (module docstring, "Downstream output metrics"), for the
+        stage's layers whose role is in output_metric. Downstream weights are the original ones
+        (a layer not yet rewritten is read from the graph; one of this stage from acc.weights)."""
+        roles = {lin.role: lin for lin in stage.layers if lin.role in self.params.output_metric}
+        if not roles:
+            return {}
+
+        def weight(lin):
+            if lin.name in acc.weights:
+                return acc.weights[lin.name]
+            if lin.weight is None or lin.weight not in model.graph.initializers:
+                raise UserError(f"svd: output_metric needs {lin.name} as a dense MatMul; run svd before other passes")
+            return self._weight(model, lin)
+
+        out: dict[str, np.ndarray] = {}
+        if {"q", "k", "v"} & set(roles):
+            m = attention_output_metrics(weight(block.q), weight(block.k), weight(block.o), acc.gram_tilde,
+                                         structure.head_dim, structure.num_kv_heads)
+            out.update({lin.name: m[r] for r, lin in roles.items() if r in m})
+        if {"gate", "up"} & set(roles):
+            m = mlp_output_metrics(acc.sample_x, weight(block.gate), weight(block.up), weight(block.down), acc.sample_w)
+            out.update({lin.name: m[r] for r, lin in roles.items() if r in m})
+        return out
+
+    def _fit_and_rewrite(self, model, lin, k: int, acc: _Acc, metric: np.ndarray | None = None) -> dict:
         p, ctx = self.params, self.ctx
         W = acc.weights[lin.name]
         info: dict[str, float] = {}
@@ -1228,16 +1480,18 @@ class SvdPass(CompilerPass):
             out_energy = float(np.sum(W * (acc.gram @ W)))  # ‖X·W‖² on the calibration set
             info["output_rel_error"] = float(np.sum(D * (acc.gram @ D))) / out_energy if out_energy else 0.0
         else:
-            B = acc.cross @ W if acc.cross is not None else acc.cross_out[lin.name]
+            B = acc.cross_out[lin.name] if lin.name in acc.cross_out else acc.cross @ W
             if lin.name in acc.resid:
                 B = B + acc.resid[lin.name]
             # the activation-rounding noise (act_bits < 16) adds ν·I to G̃ and nothing to B
-            wt = whiten_cholesky(acc.gram_tilde, p.eps, damp=p.damp, log=ctx.log, name=lin.name, noise=acc.noise)
+            if acc.whitened is None:  # one factorization per stage (its layers share G̃)
+                acc.whitened = whiten_cholesky(acc.gram_tilde, p.eps, damp=p.damp, log=ctx.log, name=lin.name, noise=acc.noise)
+            wt = acc.whitened
             # the ridge (and any PD repair) pulls toward the original weight, not toward 0:
             # ‖X̃W' − T‖² + δ‖W' − W‖²  ⇔  statistics G̃ + δI and B + δW
             B = B + wt.shift * W
             if p.refit == "both":
-                f = reduced_rank_fit(wt.S, B, k)
+                f = reduced_rank_fit(wt.S, B, k, metric)
                 W1, W2 = f.W1, f.W2
             else:
                 wh = whiten_cholesky(acc.gram, p.eps, damp=p.damp, log=ctx.log, name=lin.name, noise=acc.noise) if p.whiten else None
@@ -1246,10 +1500,10 @@ class SvdPass(CompilerPass):
                 else:
                     W2 = truncate_whitened(W, wh.S if wh else None, k).W2
                 W1 = refit_first_factor(wt.S, B, W2)
-            # diagnostic on one calibration batch: ‖X̃·W₁W₂ − X·W‖² / ‖X·W‖²
-            target = acc.sample_x @ W
-            err = acc.sample_xt @ W1 @ W2 - target
-            energy = float(np.sum(target**2))
-            info["output_rel_error"] = float(np.sum(err**2)) / energy if energy else 0.0
+            # diagnostic on one calibration batch: ‖X̃·W₁W₂ − X·W‖² / ‖X·W‖² (float32 products)
+            target = acc.sample_x @ W.astype(np.float32)
+            err = (acc.sample_xt @ W1.astype(np.float32)) @ W2.astype(np.float32) - target
+            energy = float(np.sum(np.square(target, dtype=np.float64)))
+            info["output_rel_error"] = float(np.sum(np.square(err, dtype=np.float64))) / energy if energy else 0.0
         replace_with_low_rank(model, lin.node, lin.name, W1, W2)
         return info

@@ -217,6 +217,26 @@ def test_reduced_rank_fit_is_the_truncation_when_inputs_are_unchanged():
     np.testing.assert_allclose(a.W1 @ a.W2, b.W1 @ b.W2, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("K,N,k,deficient", [(60, 30, 12, False), (30, 60, 12, False), (40, 40, 20, True)])
+def test_top_singular_triplets_match_the_svd(K, N, k, deficient):
+    """_svd_top (eigendecomposition of the smaller Gram matrix) = the SVD's leading k triplets,
+    orthonormal; a rank-deficient M (σ_k = 0) falls back to the SVD instead of dividing by 0."""
+    from passes.svd import _svd_top
+
+    rng = np.random.default_rng(K + N + k)
+    M = rng.standard_normal((K, N)) * (0.9 ** np.arange(N))[None, :]
+    if deficient:
+        M = M[:, :10] @ rng.standard_normal((10, N))
+    U, s, Vt = _svd_top(M, k)
+    ref = np.linalg.svd(M, full_matrices=False)
+    assert U.shape == (K, k) and Vt.shape == (k, N) and np.all(np.isfinite(U))
+    np.testing.assert_allclose(s, ref[1], rtol=0, atol=1e-10 * ref[1][0])
+    np.testing.assert_allclose((U * s[:k]) @ Vt, (ref[0][:, :k] * ref[1][:k]) @ ref[2][:k], atol=1e-9 * ref[1][0])
+    if not deficient:
+        np.testing.assert_allclose(U.T @ U, np.eye(k), atol=1e-10)
+        np.testing.assert_allclose(Vt @ Vt.T, np.eye(k), atol=1e-10)
+
+
 def _two_layer_case(seed):
     """x → W_a → relu → W_b: compress W_a, then W_b sees shifted inputs."""
     rng = np.random.default_rng(seed)
@@ -260,6 +280,102 @@ def test_update_reduces_error_on_a_two_layer_case(seed):
     W_star = np.linalg.lstsq(H_tilde, target, rcond=None)[0]
     opt = np.sum((H_tilde @ W_star - target) ** 2) + np.sum(fr.sigma[kb:] ** 2)
     assert err_both == pytest.approx(opt, rel=1e-7)
+
+
+# --------------------------------------------------------------------------------------------
+# downstream output metrics (output_metric)
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "matrix"])
+def test_output_metric_fit_is_optimal_in_that_metric(kind):
+    """tr((X̃W' − T)M(X̃W' − T)ᵀ) of the metric fit = the weighted least-squares optimum + the
+    discarded σ² (the theorem in the M metric), and it beats the unweighted fit in that metric."""
+    from passes.svd import metric_roots
+
+    rng = np.random.default_rng(11)
+    X, Wa, Wb = _two_layer_case(11)
+    Xt = X + 0.3 * rng.standard_normal(X.shape)  # shifted inputs
+    T = X @ Wa
+    N, k = T.shape[1], 10
+    if kind == "diagonal":
+        M = np.exp(2.0 * rng.standard_normal(N))
+        Mm = np.diag(M)
+    else:
+        A = rng.standard_normal((N, N)) * (0.8 ** np.arange(N))[None, :]
+        Mm = M = A @ A.T + 0.05 * np.eye(N)
+    R, Rinv = metric_roots(M, N)
+    Rm = np.diag(R) if R.ndim == 1 else R
+    np.testing.assert_allclose(Rm @ Rm, Mm, rtol=1e-9, atol=1e-9 * np.abs(Mm).max())
+    S = whiten_cholesky(Xt.T @ Xt).S
+    B = Xt.T @ T
+    f = reduced_rank_fit(S, B, k, M)
+    plain = reduced_rank_fit(S, B, k)
+
+    def cost(W):
+        E = Xt @ W - T
+        return float(np.trace(E @ Mm @ E.T))
+
+    W_star = np.linalg.lstsq(Xt, T, rcond=None)[0]  # the unconstrained optimum (any metric)
+    assert cost(f.W1 @ f.W2) == pytest.approx(cost(W_star) + np.sum(f.sigma[k:] ** 2), rel=1e-7)
+    assert cost(f.W1 @ f.W2) < 0.95 * cost(plain.W1 @ plain.W2)
+    assert np.linalg.matrix_rank(f.W1 @ f.W2) == k
+    # the identity metric is the plain fit
+    g = reduced_rank_fit(S, B, k, np.ones(N))
+    np.testing.assert_allclose(g.W1 @ g.W2, plain.W1 @ plain.W2, rtol=1e-9, atol=1e-12)
+
+
+def test_attention_metrics_follow_rope_pairs_gqa_and_o():
+    from passes.svd import attention_output_metrics
+
+    rng = np.random.default_rng(12)
+    K, d, H, KV = 24, 8, 4, 2
+    X = correlated_inputs(rng, 300, K)
+    G = X.T @ X
+    Wq, Wk = rng.standard_normal((K, H * d)), rng.standard_normal((K, KV * d))
+    Wo = rng.standard_normal((H * d, K))
+    m = attention_output_metrics(Wq, Wk, Wo, G, d, KV, floor=0.0)
+    q, k = X @ Wq, X @ Wk
+    # q's metric: the energy of the keys its head attends with, averaged over each RoPE pair
+    ek = np.sum(k**2, axis=0).reshape(KV, 2, d // 2).mean(axis=1)  # [KV, d/2]
+    want_q = np.concatenate([np.tile(ek[h // 2], 2) for h in range(H)])
+    np.testing.assert_allclose(m["q"], want_q / want_q.mean(), rtol=1e-9)
+    eq = np.sum(q**2, axis=0).reshape(H, 2, d // 2).mean(axis=1)
+    want_k = np.concatenate([np.tile(eq[2 * g] + eq[2 * g + 1], 2) for g in range(KV)])
+    np.testing.assert_allclose(m["k"], want_k / want_k.mean(), rtol=1e-9)
+    # v's metric: a value error of KV head g costs Σ over its query heads of ‖ΔV·W_o[h]‖²
+    dV = rng.standard_normal((5, KV * d))
+    cost = sum(np.sum((dV[:, (h // 2) * d:(h // 2 + 1) * d] @ Wo[h * d:(h + 1) * d]) ** 2) for h in range(H))
+    Mv = m["v"]
+    scale = np.mean([np.sum(Wo[h * d:(h + 1) * d] ** 2) for h in range(H)]) * 2 / d  # mean diagonal
+    assert np.trace(dV @ Mv @ dV.T) * scale == pytest.approx(cost, rel=1e-9)
+    assert np.allclose(Mv[:d, d:], 0.0)  # KV heads do not mix
+
+
+def test_mlp_metrics_are_the_first_order_output_change():
+    """Perturbing one channel of up's (gate's) output by ε changes the MLP output by
+    ε²·m_c·(scale) to first order; the metric's ratios between channels match that."""
+    from passes.svd import mlp_output_metrics
+
+    rng = np.random.default_rng(13)
+    K, F = 16, 24
+    X = correlated_inputs(rng, 400, K)
+    Wg, Wu, Wd = rng.standard_normal((K, F)) / 3, rng.standard_normal((K, F)) / 3, rng.standard_normal((F, K))
+    w = rng.uniform(0.2, 2.0, len(X))
+    m = mlp_output_metrics(X, Wg, Wu, Wd, w, floor=0.0)
+    silu = lambda z: z / (1.0 + np.exp(-z))  # noqa: E731
+    base = (silu(X @ Wg) * (X @ Wu)) @ Wd
+    eps = 1e-5
+    for role in ("up", "gate"):
+        got = []
+        for c in range(F):
+            g, u = X @ Wg, X @ Wu
+            if role == "up":
+                u[:, c] += eps
+            else:
+                g[:, c] += eps
+            got.append(np.sum(w * np.sum(((silu(g) * u) @ Wd - base) ** 2, axis=1)) / eps**2)
+        got = np.array(got)
+        np.testing.assert_allclose(m[role], got / got.mean(), rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,8 +566,9 @@ def _low_rank_nodes(onnx_path):
     return out, inits
 
 
-@pytest.mark.parametrize("update,token_weights", [(False, "none"), (True, "none"), (True, "residual")])
-def test_full_rank_reproduces_the_logits(tiny_model_dir, tmp_path, update, token_weights):
+@pytest.mark.parametrize("update,token_weights,metric", [(False, "none", False), (True, "none", False),
+                                                          (True, "residual", False), (True, "residual", True)])
+def test_full_rank_reproduces_the_logits(tiny_model_dir, tmp_path, update, token_weights, metric):
     """rank = min(K, N) everywhere: W₁W₂ = W (and the refit returns W, with or without token
     weights: (X̃ᵀDX̃ + δI)⁻¹(X̃ᵀDX̃ + δI)W = W for any D), logits within 1e-4."""
     import onnx_ir as ir
@@ -465,7 +582,8 @@ def test_full_rank_reproduces_the_logits(tiny_model_dir, tmp_path, update, token
     model = src.load_model()
     ctx = CompileContext(src, CalibrationConfig(windows=8, seq_len=64), _text(tmp_path), progress=False)
     try:
-        params = SvdParams(rank=10_000, update=update, token_weights=token_weights)
+        params = SvdParams(rank=10_000, update=update, token_weights=token_weights, residual_target=metric,
+                           output_metric=["q", "k", "v", "gate", "up"] if metric else [])
         params.validate()
         if token_weights == "residual":  # the weights come from both residual Adds of every block
             for block in ctx.structure(model).blocks:
@@ -488,6 +606,78 @@ def test_full_rank_reproduces_the_logits(tiny_model_dir, tmp_path, update, token
     got = _logits(out, ids)
     for a, b in zip(ref, got):
         np.testing.assert_allclose(b, a, atol=1e-4, rtol=0)
+
+
+def test_output_metric_moves_the_fit_and_keeps_the_model(tiny_model_dir, tmp_path):
+    """output_metric at ratio 0.3: q and up (among others) get different pairs than the plain
+    refit, and the logits stay close to the plain refit's."""
+    import onnx
+    import onnx_ir as ir
+
+    from compiler.driver import CompileContext
+    from compiler.modeldir import open_model_dir
+    from compiler.recipe import CalibrationConfig
+    from passes.svd import SvdParams, SvdPass
+
+    src = open_model_dir(tiny_model_dir)
+    out = {}
+    for name, metric in (("plain", []), ("metric", ["q", "k", "v", "gate", "up"])):
+        ctx = CompileContext(src, CalibrationConfig(windows=4, seq_len=64), _text(tmp_path), progress=False)
+        try:
+            params = SvdParams(ratio=0.3, damp=0.05, residual_target=True, token_weights="residual", output_metric=metric)
+            params.validate()
+            result = SvdPass(ctx, params)(src.load_model())
+        finally:
+            ctx.close()
+        path = tmp_path / f"{name}.onnx"
+        ir.save(result.model, path, external_data=f"{name}.onnx.data")
+        m = onnx.load(str(path))
+        out[name] = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer if "lowrank_2" in t.name}
+    assert out["plain"].keys() == out["metric"].keys()
+    moved = {n for n in out["plain"] if not np.allclose(out["plain"][n], out["metric"][n], rtol=1e-4, atol=1e-6)}
+    assert any("q_proj" in n for n in moved) and any("up_proj" in n for n in moved), moved
+    ids = _ids()
+    a = _logits(tmp_path / "plain.onnx", ids)[0]
+    b = _logits(tmp_path / "metric.onnx", ids)[0]
+    assert np.all(np.isfinite(b)) and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
+
+
+def test_residual_target_from_the_add_output_equals_the_two_product_form(tiny_model_dir, tmp_path, monkeypatch):
+    """o/down's residual target T = X·W + R − R̃ taken as A − R̃ (A the original Add's output, one
+    product X̃ᵀD(A − R̃)) gives the same pairs as X̃ᵀD(X·W) + X̃ᵀD(R − R̃), up to float32 rounding."""
+    import dataclasses
+
+    import onnx
+    import onnx_ir as ir
+
+    import passes.svd as svd
+    from compiler.driver import CompileContext
+    from compiler.modeldir import open_model_dir
+    from compiler.recipe import CalibrationConfig
+
+    src = open_model_dir(tiny_model_dir)
+    real = svd._block_stages
+    out = {}
+    for name, strip in (("direct", False), ("two", True)):
+        if strip:  # without the Add outputs the pass falls back to the two-product form
+            monkeypatch.setattr(svd, "_block_stages", lambda *a: [dataclasses.replace(st, add_outputs={}) for st in real(*a)])
+        ctx = CompileContext(src, CalibrationConfig(windows=4, seq_len=64), _text(tmp_path), progress=False)
+        try:
+            params = svd.SvdParams(ratio=0.3, damp=0.05, residual_target=True, token_weights="residual")
+            result = svd.SvdPass(ctx, params)(src.load_model())
+        finally:
+            ctx.close()
+        path = tmp_path / f"{name}.onnx"
+        ir.save(result.model, path, external_data=f"{name}.onnx.data")
+        m = onnx.load(str(path))
+        out[name] = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer if "lowrank" in t.name}
+    assert out["direct"].keys() == out["two"].keys() and len(out["direct"]) == 2 * 2 * 7
+    # singular vectors are defined up to sign: compare each pair's product W₁W₂
+    for n1 in [n for n in out["direct"] if n.endswith("lowrank_1")]:
+        n2 = n1[: -len("lowrank_1")] + "lowrank_2"
+        pa = out["direct"][n1].astype(np.float64) @ out["direct"][n2]
+        pb = out["two"][n1].astype(np.float64) @ out["two"][n2]
+        np.testing.assert_allclose(pa, pb, rtol=0, atol=1e-4 * np.abs(pb).max(), err_msg=n1)  # measured ≤ 2e-5
 
 
 def test_compile_writes_pairs_with_the_uniform_ranks(tiny_model_dir, tmp_path):
@@ -627,6 +817,8 @@ def test_include_exclude_select_layers(tiny_model_dir, tmp_path):
         ("whiten = false\nupdate = false\nact_bits = 8", "act_bits < 16 needs"),
         ("update = false\nresidual_target = true", "residual_target needs update"),
         ("budget_windows = 0", "budget_windows must be at least 1"),
+        ('output_metric = ["o"]', "output_metric takes roles"),
+        ('output_metric = ["q"]\nrefit = "w1"', "output_metric needs update"),
         ("ratio = \"20%\"", "ratio"),
         ("rank_ratio = 0.2", "unknown parameter"),
     ],
