@@ -608,31 +608,40 @@ def test_full_rank_reproduces_the_logits(tiny_model_dir, tmp_path, update, token
         np.testing.assert_allclose(b, a, atol=1e-4, rtol=0)
 
 
-def test_output_metric_moves_the_fit_and_keeps_the_model(tiny_model_dir, tmp_path):
-    """output_metric at ratio 0.3: q and up (among others) get different pairs than the plain
-    refit, and the logits stay close to the plain refit's."""
+def _svd_pass_to_file(src, tmp_path, name: str, params) -> tuple:
+    """Run the svd pass on `src` (4 × 64 calibration tokens), save it as NAME.onnx; returns the
+    path and its low-rank factor initializers by name."""
     import onnx
     import onnx_ir as ir
 
     from compiler.driver import CompileContext
-    from compiler.modeldir import open_model_dir
     from compiler.recipe import CalibrationConfig
-    from passes.svd import SvdParams, SvdPass
+    from passes.svd import SvdPass
+
+    ctx = CompileContext(src, CalibrationConfig(windows=4, seq_len=64), _text(tmp_path), progress=False)
+    try:
+        result = SvdPass(ctx, params)(src.load_model())
+    finally:
+        ctx.close()
+    path = tmp_path / f"{name}.onnx"
+    ir.save(result.model, path, external_data=f"{name}.onnx.data")
+    inits = onnx.load(str(path)).graph.initializer
+    return path, {t.name: onnx.numpy_helper.to_array(t) for t in inits if "lowrank" in t.name}
+
+
+def test_output_metric_moves_the_fit_and_keeps_the_model(tiny_model_dir, tmp_path):
+    """output_metric at ratio 0.3: q and up (among others) get different pairs than the plain
+    refit, and the logits stay close to the plain refit's."""
+    from compiler.modeldir import open_model_dir
+    from passes.svd import SvdParams
 
     src = open_model_dir(tiny_model_dir)
     out = {}
     for name, metric in (("plain", []), ("metric", ["q", "k", "v", "gate", "up"])):
-        ctx = CompileContext(src, CalibrationConfig(windows=4, seq_len=64), _text(tmp_path), progress=False)
-        try:
-            params = SvdParams(ratio=0.3, damp=0.05, residual_target=True, token_weights="residual", output_metric=metric)
-            params.validate()
-            result = SvdPass(ctx, params)(src.load_model())
-        finally:
-            ctx.close()
-        path = tmp_path / f"{name}.onnx"
-        ir.save(result.model, path, external_data=f"{name}.onnx.data")
-        m = onnx.load(str(path))
-        out[name] = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer if "lowrank_2" in t.name}
+        params = SvdParams(ratio=0.3, damp=0.05, residual_target=True, token_weights="residual", output_metric=metric)
+        params.validate()
+        _, factors = _svd_pass_to_file(src, tmp_path, name, params)
+        out[name] = {n: a for n, a in factors.items() if "lowrank_2" in n}
     assert out["plain"].keys() == out["metric"].keys()
     moved = {n for n in out["plain"] if not np.allclose(out["plain"][n], out["metric"][n], rtol=1e-4, atol=1e-6)}
     assert any("q_proj" in n for n in moved) and any("up_proj" in n for n in moved), moved
@@ -647,13 +656,8 @@ def test_residual_target_from_the_add_output_equals_the_two_product_form(tiny_mo
     product X̃ᵀD(A − R̃)) gives the same pairs as X̃ᵀD(X·W) + X̃ᵀD(R − R̃), up to float32 rounding."""
     import dataclasses
 
-    import onnx
-    import onnx_ir as ir
-
     import passes.svd as svd
-    from compiler.driver import CompileContext
     from compiler.modeldir import open_model_dir
-    from compiler.recipe import CalibrationConfig
 
     src = open_model_dir(tiny_model_dir)
     real = svd._block_stages
@@ -661,16 +665,8 @@ def test_residual_target_from_the_add_output_equals_the_two_product_form(tiny_mo
     for name, strip in (("direct", False), ("two", True)):
         if strip:  # without the Add outputs the pass falls back to the two-product form
             monkeypatch.setattr(svd, "_block_stages", lambda *a: [dataclasses.replace(st, add_outputs={}) for st in real(*a)])
-        ctx = CompileContext(src, CalibrationConfig(windows=4, seq_len=64), _text(tmp_path), progress=False)
-        try:
-            params = svd.SvdParams(ratio=0.3, damp=0.05, residual_target=True, token_weights="residual")
-            result = svd.SvdPass(ctx, params)(src.load_model())
-        finally:
-            ctx.close()
-        path = tmp_path / f"{name}.onnx"
-        ir.save(result.model, path, external_data=f"{name}.onnx.data")
-        m = onnx.load(str(path))
-        out[name] = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer if "lowrank" in t.name}
+        params = svd.SvdParams(ratio=0.3, damp=0.05, residual_target=True, token_weights="residual")
+        _, out[name] = _svd_pass_to_file(src, tmp_path, name, params)
     assert out["direct"].keys() == out["two"].keys() and len(out["direct"]) == 2 * 2 * 7
     # singular vectors are defined up to sign: compare each pair's product W₁W₂
     for n1 in [n for n in out["direct"] if n.endswith("lowrank_1")]:
