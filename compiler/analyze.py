@@ -99,13 +99,14 @@ class _LinearMatch:
     bits: int | None = None
     block_size: int | None = None
     act_bits: int | None = None
+    hadamard: int | None = None
 
     def to_linear(self, name: str, block: int | None, role: str, columns=None) -> Linear:
         lin = Linear(
             name=name, block=block, role=role, node=self.node.name, input=self.input.name,
             output=self.output.name, K=self.K, N=self.N, kind=self.kind, weight=self.weight,
             nodes=[n.name for n in self.nodes], rank=self.rank, bits=self.bits,
-            block_size=self.block_size, act_bits=self.act_bits,
+            block_size=self.block_size, act_bits=self.act_bits, hadamard=self.hadamard,
         )
         if columns is not None:
             lin.columns = list(columns)
@@ -125,7 +126,7 @@ def _single_linear(node: ir.Node) -> _LinearMatch | None:
         a = node.attributes
         return _LinearMatch(node, [node], node.inputs[0], node.outputs[0], a.get_int("K"), a.get_int("N"),
                             "int4", bits=a.get_int("bits", 4), block_size=a.get_int("block_size"),
-                            act_bits=a.get_int("act_bits", 16))
+                            act_bits=a.get_int("act_bits", 16), hadamard=a.get_int("hadamard", 0) or None)
     if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
         a = node.attributes
         bits = a.get_int("bits", 4)

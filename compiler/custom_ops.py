@@ -225,15 +225,47 @@ def quantize_rows_reference(A: np.ndarray, act_bits: int, block_size: int,
     return qp, scale, bsum
 
 
+def sylvester_hadamard(h: int) -> np.ndarray:
+    """H_h (h a power of two): H_1 = [1], H_2n = [[H_n, H_n], [H_n, -H_n]]; ±1, symmetric, H·H = h·I."""
+    if h < 1 or h & (h - 1):
+        raise ValueError(f"Hadamard order must be a power of two, got {h}")
+    H = np.ones((1, 1), np.float32)
+    while H.shape[0] < h:
+        H = np.block([[H, H], [H, -H]])
+    return H
+
+
+def hadamard_rows_reference(A: np.ndarray, h: int) -> np.ndarray:
+    """QMatMul's `hadamard` input transform: each block of h channels of every row times H_h
+    (kernels/ref/hadamard.h), by the same float32 butterfly as the op (log2 h stages of
+    (u, v) → (u + v, u − v) on x[j], x[j + len]), so it matches the op bit for bit."""
+    A = np.asarray(A, np.float32)
+    K = A.shape[-1]
+    if h < 2 or h & (h - 1) or K % h:
+        raise ValueError(f"hadamard must be a power of two >= 2 dividing K={K}, got {h}")
+    x = A.reshape(-1, K).copy()
+    length = 1
+    while length < h:
+        v = x.reshape(x.shape[0], K // (2 * length), 2, length)
+        u, w = v[:, :, 0, :].copy(), v[:, :, 1, :].copy()
+        v[:, :, 0, :] = u + w
+        v[:, :, 1, :] = u - w
+        length *= 2
+    return x.reshape(A.shape)
+
+
 def qmatmul_reference(A: np.ndarray, data: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
                       K: int, N: int, block_size: int, act_bits: int = 16,
-                      channel_shift: np.ndarray | None = None, bias: np.ndarray | None = None) -> np.ndarray:
+                      channel_shift: np.ndarray | None = None, bias: np.ndarray | None = None,
+                      hadamard: int = 0) -> np.ndarray:
     """QMatMul semantics in numpy. A: float32 [..., K]; returns float32 [..., N]."""
     A = np.asarray(A, dtype=np.float32)
     if A.shape[-1] != K:
         raise ValueError(f"A's last dimension {A.shape[-1]} != K={K}")
     lead = A.shape[:-1]
     A2 = A.reshape(-1, K)
+    if hadamard:
+        A2 = hadamard_rows_reference(A2, hadamard)
     u = unpack_int4_blocks(data, scales, zero_points, K, N, block_size)
     n_blocks = u["scales"].shape[0]
     zp = u["zero_points"] if u["zero_points"] is not None else np.full((n_blocks, N), 8, np.uint8)
@@ -385,6 +417,7 @@ def _qmatmul_infer(ctx) -> None:
         return default if a is None else a.i
 
     K, N, bs, act_bits = attr_i("K"), attr_i("N"), attr_i("block_size"), attr_i("act_bits", 16)
+    had = attr_i("hadamard", 0)
     if K is None or N is None or bs is None:
         raise onnx.shape_inference.InferenceError("[llmfold.QMatMul] attributes K, N, block_size are required")
     if bs < 16 or bs > 256 or bs & (bs - 1):
@@ -392,6 +425,9 @@ def _qmatmul_infer(ctx) -> None:
             f"[llmfold.QMatMul] block_size must be a power of two in [16, 256], got {bs}")
     if act_bits not in (16, 8, 4):
         raise onnx.shape_inference.InferenceError(f"[llmfold.QMatMul] act_bits must be 16, 8 or 4, got {act_bits}")
+    if K is not None and had != 0 and (had < 2 or had & (had - 1) or K % had):
+        raise onnx.shape_inference.InferenceError(
+            f"[llmfold.QMatMul] hadamard must be 0 or a power of two >= 2 dividing K={K}, got {had}")
     out = onnx.TypeProto()
     out.tensor_type.elem_type = onnx.TensorProto.FLOAT
     a = ctx.get_input_type(0)
@@ -468,7 +504,8 @@ def _schemas():
         doc="Y[...,N] = A[...,K] . dequant(B)[K,N] (+ bias); 4-bit block-quantized weights in llmfold's packed "
             "layout (custom_ops/README.md). act_bits 16: float activations; 8/4: per-token dynamic symmetric "
             "integer activations. channel_shift: per-input-channel power-of-two divisors (TRIP) applied before "
-            "activation quantization.",
+            "activation quantization. hadamard h > 0: A's rows are first multiplied, per block of h channels, by "
+            "the Sylvester Hadamard matrix of order h (entries +-1; the weights hold H_h/h folded into their rows).",
         inputs=[FP("A", "T", "float activations [..., K]"),
                 FP("B", "U", "packed 4-bit weights, n_tiles*Kp/8*64 bytes"),
                 FP("scales", "T", "block scales [n_tiles, n_blocks, 16]"),
@@ -480,7 +517,9 @@ def _schemas():
         attributes=[OS.Attribute("K", OS.AttrType.INT, "input features"),
                     OS.Attribute("N", OS.AttrType.INT, "output features"),
                     OS.Attribute("block_size", OS.AttrType.INT, "weights per scale along K (16..256, power of 2)"),
-                    OS.Attribute("act_bits", helper.make_attribute("act_bits", 16), "16, 8 or 4")],
+                    OS.Attribute("act_bits", helper.make_attribute("act_bits", 16), "16, 8 or 4"),
+                    OS.Attribute("hadamard", helper.make_attribute("hadamard", 0),
+                                 "0, or the order h (power of two dividing K) of the input Hadamard transform")],
     )
     q.set_type_and_shape_inference_function(_qmatmul_infer)
     t = OS(
@@ -534,9 +573,10 @@ def register_schemas() -> None:
 
 
 def make_qmatmul_node(inputs: Sequence[str], output: str, K: int, N: int, block_size: int, act_bits: int = 16,
-                      name: str | None = None):
+                      name: str | None = None, hadamard: int = 0):
     """A QMatMul NodeProto (inputs: A, B, scales[, zero_points, bias, channel_shift]; '' skips one)."""
     from onnx import helper
 
+    extra = {"hadamard": int(hadamard)} if hadamard else {}
     return helper.make_node("QMatMul", list(inputs), [output], name=name, domain=DOMAIN, K=int(K), N=int(N),
-                            block_size=int(block_size), act_bits=int(act_bits))
+                            block_size=int(block_size), act_bits=int(act_bits), **extra)

@@ -237,6 +237,7 @@ def linear_rows(model, st) -> list[dict]:
                 "group": lin.block_size,
                 "rank": lin.rank,
                 "act_bits": lin.act_bits,
+                "hadamard": lin.hadamard,
                 "bytes": int(round(nbytes)),
                 "macs_per_token": int(macs),
                 # columns [start, stop) of a node several roles share (packed q/k/v), else None
@@ -364,7 +365,8 @@ def inspect_model(path) -> dict:
     return report
 
 
-_DIFF_FIELDS = ("kind", "K", "N", "bits", "group", "rank", "act_bits", "packed_columns", "bytes", "macs_per_token")
+_DIFF_FIELDS = ("kind", "K", "N", "bits", "group", "rank", "act_bits", "hadamard", "packed_columns", "bytes",
+                "macs_per_token")
 
 
 def diff_reports(a: dict, b: dict) -> dict:
@@ -374,7 +376,7 @@ def diff_reports(a: dict, b: dict) -> dict:
     changed = []
     for name in ra:
         if name in rb:
-            ch = {f: [ra[name][f], rb[name][f]] for f in _DIFF_FIELDS if ra[name][f] != rb[name][f]}
+            ch = {f: [ra[name].get(f), rb[name].get(f)] for f in _DIFF_FIELDS if ra[name].get(f) != rb[name].get(f)}
             if ch:
                 changed.append({"name": name, "changes": ch})
     totals = {}
@@ -466,6 +468,8 @@ def _layer_brief(r: dict) -> str:
         s += f" {r['bits']}b g{r['group']}"
         if r.get("act_bits"):
             s += f" a{r['act_bits']}"
+        if r.get("hadamard"):
+            s += f" H{r['hadamard']}"
     elif r["bits"]:
         s += f" fp{r['bits']}"
     return s + f" {_mb(r['bytes'])}"
@@ -533,7 +537,7 @@ def print_report(rep: dict, console) -> None:
                 f"{r['K']}×{r['N']}",
                 r["kind"],
                 str(r["bits"] or "-"),
-                str(r["act_bits"] or "-"),
+                str(r["act_bits"] or "-") + (f" H{r['hadamard']}" if r.get("hadamard") else ""),
                 str(r["group"] or "-"),
                 str(r["rank"] or "-"),
                 _mb(r["bytes"]),

@@ -34,6 +34,7 @@ class Linear:
     bits: int | None = None  # int4 only
     block_size: int | None = None  # int4 only
     act_bits: int | None = None  # int4 only
+    hadamard: int | None = None  # int4 only: order of the op's input Hadamard transform (None: none)
     # [start, stop) columns of `weight` when several roles share one fused MatMul (e.g. the packed
     # QKV of an onnxruntime-genai export); N = stop - start. None: the layer owns the whole node.
     columns: list[int] | None = None

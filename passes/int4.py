@@ -99,12 +99,30 @@ the `trip_candidates` channels with the largest absmax (two sweeps, each candida
 shift with the others fixed, accepting only improvements), so J(ρ) ≤ J(0) on the calibration
 samples. The op divides by 2^{ρ_k} before quantizing, which for int8 activations is a shift.
 
+Online Hadamard transform (``hadamard``: layer patterns, e.g. ["layers.*.down"])
+-------------------------------------------------------------------------------
+An offline rotation (passes/rotate.py) reaches every input that comes from the residual stream or
+from v (rotate ``heads``), but not down_proj's: its input is the SwiGLU product SiLU(x·W_g)⊙(x·W_u),
+elementwise, which no weight fold can rotate. Its outlier channels are the largest of the block
+and, with one scale per token, they flatten every other channel at 4 bits. QMatMul's ``hadamard``
+attribute makes the op multiply the input rows by B = diag(H_h, …, H_h) (Sylvester Hadamard
+blocks of order h, entries ±1, B·B = h·I; h = the largest power of two dividing K, 512 for
+K = 1536) before quantizing them (QuaRot's online Hadamard). The pass folds the rest exactly:
+
+    X·W = (X·B)·W',   W' = B·W/h,   H' = (X·B)ᵀ(X·B) = B·H·B,   TRIP samples X·B,
+
+so GPTQ, the clipping search, the scale refit and TRIP all work on what the op will quantize, and
+in fp32 nothing changes but float rounding (tests check the fold and the per-node equivalence).
+The op's cost is O(K log h) additions per row. Layers reading one input share it: a pattern must
+select all of them or none.
+
 Graph rewrite
 -------------
 MatMul(X, W) → QMatMul(X, data, scales, zero_points?, bias=None, channel_shift?) in domain
-"llmfold" (opset 1), attributes K, N, block_size, act_bits; the packed initializers are named
-``{layer}.qweight``, ``{layer}.scales``, ``{layer}.zero_points``, ``{layer}.channel_shift``. The
-fp32 weight leaves the graph unless another node still reads it (a tied embedding's Gather).
+"llmfold" (opset 1), attributes K, N, block_size, act_bits (and hadamard when set); the packed
+initializers are named ``{layer}.qweight``, ``{layer}.scales``, ``{layer}.zero_points``,
+``{layer}.channel_shift``. The fp32 weight leaves the graph unless another node still reads it (a
+tied embedding's Gather).
 
 Calibration statistics are requested a few blocks at a time (``stats_blocks``; lm_head joins the
 last round) and dropped once those blocks are quantized, so memory stays bounded by a few blocks'
@@ -177,6 +195,7 @@ class Int4Params:
     trip_max_shift: int = 3  # S: shifts 0..S
     trip_candidates: int = 32  # channels (by absmax) the search may shift
     trip_samples: int = 1024  # calibration rows kept for the search
+    hadamard: list[str] = field(default_factory=list)  # layers whose input the op multiplies by a block Hadamard
     stats_blocks: int = 6  # decoder blocks whose statistics are collected at once
     on_unsupported: str = "error"  # "skip" | "error"
 
@@ -222,6 +241,9 @@ class Int4Params:
             raise bad("trip_candidates", f"must be at least 1, got {self.trip_candidates}")
         if self.trip_samples < 16:
             raise bad("trip_samples", f"must be at least 16, got {self.trip_samples}")
+        for pat in self.hadamard:
+            if not isinstance(pat, str) or not pat:
+                raise bad("hadamard", f"must be a list of non-empty glob patterns, got {pat!r}")
         if self.stats_blocks < 1:
             raise bad("stats_blocks", f"must be at least 1, got {self.stats_blocks}")
         if self.on_unsupported not in ("skip", "error"):
@@ -240,6 +262,13 @@ class Int4Params:
             if fnmatch.fnmatchcase(layer, pattern):
                 return bits
         return self.act_bits
+
+    def hadamard_for(self, layer: str, K: int) -> int:
+        """Order h of the online input Hadamard transform of one layer (0: none): the largest power
+        of two dividing K (K = 1536 → 512, 576 → 64)."""
+        if not any(fnmatch.fnmatchcase(layer, p) for p in self.hadamard):
+            return 0
+        return K & -K if K & -K >= 2 else 0
 
     def selects(self, layer: str) -> bool:
         if layer == "lm_head" and not self.lm_head:
@@ -585,6 +614,25 @@ def fake_quantize_activations(x: np.ndarray, act_bits: int, shifts: np.ndarray |
 def fold_trip_shifts(W: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     """W' = diag(2^ρ)·W (exact in fp32), so X·W = (X·2^{−ρ})·W'."""
     return (np.asarray(W, np.float32) * np.exp2(np.asarray(shifts, np.float32))[:, None]).astype(np.float32)
+
+
+def fold_hadamard(W: np.ndarray, h: int) -> np.ndarray:
+    """W' = B·W/h with B = diag(H_h, …, H_h) (K/h blocks), so X·W = (X·B)·W' (B·B = h·I)."""
+    from compiler.custom_ops import sylvester_hadamard
+
+    K, N = W.shape
+    Wb = np.asarray(W, np.float64).reshape(K // h, h, N)
+    return (np.einsum("ij,bjn->bin", sylvester_hadamard(h).astype(np.float64), Wb) / h).reshape(K, N).astype(np.float32)
+
+
+def hadamard_gram(H: np.ndarray, h: int) -> np.ndarray:
+    """(X·B)ᵀ(X·B) = B·XᵀX·B for the block-diagonal B of fold_hadamard (float64)."""
+    from compiler.custom_ops import sylvester_hadamard
+
+    K = H.shape[0]
+    Hh = sylvester_hadamard(h).astype(np.float64)
+    G = np.asarray(H, np.float64).reshape(K // h, h, K // h, h)
+    return np.einsum("ij,ajbk,kl->aibl", Hh, G, Hh).reshape(K, K)
 
 
 def trip_objective_terms(
@@ -948,17 +996,31 @@ class Int4Pass(CompilerPass):
         p = self.params
         weights = {u.name: u.weight.const_value.numpy().astype(np.float32) for u in group}
         H = stats.xtx if stats is not None else None
+        samples = stats.samples if stats is not None else None
+        orders = {p.hadamard_for(u.layer, u.K) for u in group}
+        if len(orders) > 1:
+            raise UserError(
+                f"int4: hadamard selects some but not all of the layers reading {value} "
+                f"({', '.join(u.layer for u in group)}); they share one input transform: select all or none"
+            )
+        had = orders.pop()
+        if had:  # the op multiplies the input by B; the weights and statistics follow exactly
+            from compiler.custom_ops import hadamard_rows_reference
+
+            weights = {name: fold_hadamard(W, had) for name, W in weights.items()}
+            H = hadamard_gram(H, had) if H is not None else None
+            samples = hadamard_rows_reference(samples, had) if samples is not None and len(samples) else samples
         shifts = None
         quantized_act = [u for u in group if u.act_bits < 16]
         if p.trip and quantized_act:
-            if stats is None or stats.samples is None or len(stats.samples) == 0:
+            if stats is None or samples is None or len(samples) == 0:
                 raise UserError(f"int4: TRIP needs calibration samples of {value}; none were collected")
             W_cat = np.concatenate([weights[u.name] for u in quantized_act], axis=1)
             t0 = time.perf_counter()
             shifts = choose_trip_shifts(
-                stats.samples,
+                samples,
                 W_cat,
-                np.diag(stats.xtx) / max(stats.count, 1),
+                np.diag(H) / max(stats.count, 1),
                 act_bits=min(u.act_bits for u in quantized_act),
                 max_shift=p.trip_max_shift,
                 block_size=quantized_act[0].block_size,
@@ -989,9 +1051,10 @@ class Int4Pass(CompilerPass):
             self._timing["quantize"] += time.perf_counter() - t0
             for u, W, qw in zip(units, Ws, qws):
                 rel = None if H_u is None else _relative_output_error(W, qw.dequantize(), H_u)
-                self._replace(model, u, qw, unit_shift)
+                self._replace(model, u, qw, unit_shift, had)
                 per_layer[u.name] = {
                     "act_bits": u.act_bits,
+                    **({"hadamard": had} if had else {}),
                     "rel_err": None if rel is None else round(rel, 6),
                     "shifted_channels": int((unit_shift > 0).sum()) if unit_shift is not None else 0,
                 }
@@ -1015,7 +1078,8 @@ class Int4Pass(CompilerPass):
             qw = refit_block_scales(W, qw, H)
         return qw
 
-    def _replace(self, model: ir.Model, u: QuantUnit, qw: QuantizedWeight, shifts: np.ndarray | None) -> None:
+    def _replace(self, model: ir.Model, u: QuantUnit, qw: QuantizedWeight, shifts: np.ndarray | None,
+                 hadamard: int = 0) -> None:
         """MatMul(X, W) → QMatMul(X, data, scales, zero_points?, bias=None, channel_shift?)."""
         graph = model.graph
         packed = self._pack(qw.q, qw.scales, qw.zero_points, qw.block_size)
@@ -1051,6 +1115,7 @@ class Int4Pass(CompilerPass):
                 ir.AttrInt64("N", u.N),
                 ir.AttrInt64("block_size", qw.block_size),
                 ir.AttrInt64("act_bits", u.act_bits),
+                *([ir.AttrInt64("hadamard", hadamard)] if hadamard else []),
             ],
             num_outputs=1,
             name=new_name,

@@ -51,7 +51,7 @@ def random_weights(rng, K, N, bs, with_zp):
 
 
 def qmatmul_model(K, N, bs, act_bits, packed, bias=None, shift=None, a_shape=None, a_type=TP.FLOAT,
-                  zp_name=True):
+                  zp_name=True, hadamard=0):
     inits = [numpy_helper.from_array(packed["data"], "B"), numpy_helper.from_array(packed["scales"], "S")]
     names = ["A", "B", "S"]
     if packed.get("zero_points") is not None and zp_name:
@@ -67,7 +67,7 @@ def qmatmul_model(K, N, bs, act_bits, packed, bias=None, shift=None, a_shape=Non
     if shift is not None:
         inits.append(numpy_helper.from_array(shift, "shift"))
         names.append("shift")
-    node = co.make_qmatmul_node(names, "Y", K, N, bs, act_bits)
+    node = co.make_qmatmul_node(names, "Y", K, N, bs, act_bits, hadamard=hadamard)
     a_shape = a_shape or ["M", K]
     g = helper.make_graph([node], "qmatmul", [helper.make_tensor_value_info("A", a_type, a_shape)],
                           [helper.make_tensor_value_info("Y", TP.FLOAT, list(a_shape[:-1]) + [N])], inits)
@@ -163,6 +163,11 @@ def test_schemas_checker_and_shape_inference():
     bad = qmatmul_model(40, 24, 16, 8, co.pack_int4_blocks(q, sc, zp, 16), a_shape=[2, 41])
     with pytest.raises(Exception, match="K=40"):
         onnx.shape_inference.infer_shapes(bad, strict_mode=True)
+    had = qmatmul_model(40, 24, 16, 8, co.pack_int4_blocks(q, sc, zp, 16), hadamard=8)
+    onnx.checker.check_model(had, full_check=True)
+    with pytest.raises(Exception, match="hadamard must be 0 or a power of two >= 2 dividing K=40"):
+        onnx.shape_inference.infer_shapes(qmatmul_model(40, 24, 16, 8, co.pack_int4_blocks(q, sc, zp, 16),
+                                                        hadamard=16), strict_mode=True)
 
     node = helper.make_node("TokenPrune", ["h", "s", "", "pos"], ["hp", "idx", "posp"], domain=co.DOMAIN,
                             keep_ratio=0.5)
@@ -213,6 +218,39 @@ def test_qmatmul_matches_reference(lib, act_bits, with_zp, with_bias, M, K, N, b
         # Integer dots are exact; the scales and the float epilogue may round differently.
         tol = 1e-5 * magnitude(np.abs(A) * 2.0, W) + 1e-6 * np.abs(r)
     assert np.all(np.abs(y - r) <= tol), np.abs(y - r).max()
+
+
+HADAMARD_CASES = [
+    # (M, K, N, bs, h)
+    (1, 1536, 48, 64, 512),  # SmolLM2's down_proj input
+    (3, 96, 33, 32, 32),
+    (2, 100, 17, 32, 4),  # K % bs != 0 (padded blocks after the transform)
+    (70, 128, 40, 16, 2),  # many rows: the transform runs as parallel tasks
+]
+
+
+@pytest.mark.parametrize("act_bits", [16, 8, 4])
+@pytest.mark.parametrize("M,K,N,bs,h", HADAMARD_CASES)
+def test_qmatmul_hadamard_matches_reference(lib, act_bits, M, K, N, bs, h):
+    """The op's input transform equals numpy's (the same float32 butterfly, so the integer paths see
+    the same activations bit for bit), with TRIP shifts after it; threads do not change a result."""
+    rng = np.random.default_rng(M + K + N + h + act_bits)
+    q, sc, zp = random_weights(rng, K, N, bs, True)
+    p = co.pack_int4_blocks(q, sc, zp, bs)
+    shift = rng.integers(0, 4, K).astype(np.uint8) if act_bits != 16 else None
+    A = rng.standard_normal((M, K)).astype(np.float32)
+    m = qmatmul_model(K, N, bs, act_bits, p, shift=shift, hadamard=h)
+    y = session(m).run(None, {"A": A})[0]
+    assert np.array_equal(y, session(m, threads=2).run(None, {"A": A})[0])
+    r = co.qmatmul_reference(A, p["data"], p["scales"], p["zero_points"], K, N, bs, act_bits, shift, hadamard=h)
+    W = co.dequantize_int4(p["data"], p["scales"], p["zero_points"], K, N, bs)
+    AH = co.hadamard_rows_reference(A, h)
+    tol = 1e-5 * magnitude(np.abs(AH) * (2.0 if act_bits != 16 else 1.0), W) + 1e-6 * np.abs(r)
+    assert np.all(np.abs(y - r) <= tol), np.abs(y - r).max()
+    # the transform is the dense block-diagonal Sylvester product, and X·W = (X·B)·(B·W/h)
+    B = np.kron(np.eye(K // h), co.sylvester_hadamard(h))
+    assert np.allclose(AH, A.astype(np.float64) @ B, rtol=1e-5, atol=1e-4 * np.sqrt(h))
+    assert np.allclose(B @ B, h * np.eye(K))
 
 
 @pytest.mark.parametrize("act_bits", [16, 8, 4])
@@ -337,6 +375,10 @@ def test_qmatmul_bad_inputs(lib):
                   "channel_shift values")
     _expect_error(lambda: session(qmatmul_model(K, N, bs, 16, p, shift=np.zeros(K, np.uint8))).run(None, {"A": A}),
                   "requires act_bits")
+    # hadamard: not a power of two, or not dividing K
+    _expect_error(lambda: session(qmatmul_model(K, N, bs, 8, p, hadamard=12)), "hadamard must be 0")
+    _expect_error(lambda: session(qmatmul_model(K, N, bs, 8, p, hadamard=128)), "dividing K=64")
+    _expect_error(lambda: session(qmatmul_model(K, N, bs, 8, p, hadamard=1)), "power of two >= 2")
     # the process is alive and a good model still runs
     assert s.run(None, {"A": A})[0].shape == (2, N)
 

@@ -17,7 +17,9 @@ from passes.int4 import (
     choose_block_params,
     choose_trip_shifts,
     fake_quantize_activations,
+    fold_hadamard,
     fold_trip_shifts,
+    hadamard_gram,
     output_error,
     quantize_codes,
     quantize_gptq,
@@ -381,6 +383,7 @@ def test_trip_keeps_shifts_zero_without_outliers():
         ({"damp": -1.0}, "damp"),
         ({"precision": "float16"}, "precision"),
         ({"include": [""]}, "include"),
+        ({"hadamard": [""]}, "hadamard"),
     ],
 )
 def test_bad_params_raise_user_errors_naming_the_key(kwargs, key):
@@ -397,6 +400,30 @@ def test_layer_selection_and_act_bits_overrides():
     assert p.act_bits_for("layers.3.up") == 4
     b = Int4Params(block_size=64, block_size_overrides={"lm_head": 32, "layers.*.down": 128})
     assert [b.block_size_for(x) for x in ("lm_head", "layers.2.down", "layers.2.up")] == [32, 128, 64]
+    h = Int4Params(hadamard=["layers.*.down"])
+    assert [h.hadamard_for("layers.2.down", K) for K in (1536, 576, 96, 7)] == [512, 64, 32, 0]
+    assert h.hadamard_for("layers.2.up", 1536) == 0
+
+
+def test_hadamard_fold_is_exact():
+    """X·W = (X·B)·W' with W' = fold_hadamard(W) (B block-diagonal Sylvester, B·B = h·I), and the
+    statistics the pass hands GPTQ for the transformed input are exactly (X·B)ᵀ(X·B)."""
+    from compiler.custom_ops import hadamard_rows_reference
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((50, 96)).astype(np.float32)
+    X[:, 5] *= 40.0  # an outlier channel: the transform spreads it over its block
+    W = rng.standard_normal((96, 24)).astype(np.float32)
+    for h in (2, 32):
+        XB = hadamard_rows_reference(X, h).astype(np.float64)
+        Y = X.astype(np.float64) @ W
+        assert np.abs(XB @ fold_hadamard(W, h) - Y).max() < 1e-5 * np.abs(Y).max()
+        G = X.astype(np.float64).T @ X
+        assert np.allclose(hadamard_gram(G, h), XB.T @ XB, rtol=1e-6, atol=1e-6 * np.abs(G).max())
+    # outlier spread: the per-token absmax relative to the RMS drops, which is what int4 inputs need
+    XB = hadamard_rows_reference(X, 32)
+    ratio = lambda Z: float(np.median(np.abs(Z).max(1) / np.sqrt((Z**2).mean(1))))
+    assert ratio(XB) < 0.5 * ratio(X)
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,7 +484,7 @@ def prefill_logits(model_dir, ids):
 
 def simulated_logits(model_dir, ids):
     """Logits of the compiled graph with every QMatMul replaced by standard ops computing the same
-    thing from the packed initializers: Mul(2^-shift), per-token fake quantization (the op's rule:
+    thing from the packed initializers: MatMul by the Hadamard blocks, Mul(2^-shift), per-token fake quantization (the op's rule:
     round-half-even of x·(Q/absmax), scale absmax/Q) and MatMul with the dequantized weight."""
     import onnx_ir as ir
 
@@ -485,6 +512,9 @@ def simulated_logits(model_dir, ids):
             new.append(n)
             return n.outputs[0]
 
+        if a.get("hadamard"):
+            h = a["hadamard"]
+            x = op("MatMul", [x, const("hadamard", np.kron(np.eye(K // h), cops.sylvester_hadamard(h)).astype(np.float32))])
         if ins[5] is not None:
             x = op("Mul", [x, const("shift", np.exp2(-arr(ins[5]).astype(np.float32)))])
         if act_bits < 16:
@@ -550,7 +580,8 @@ def test_compiled_tiny_model_runs_the_op_and_stays_close_to_fp32(tiny_model_dir,
 def check_each_qmatmul(model_dir, fp32_dir, ids):
     """Run the compiled model with every QMatMul input/output exposed; check each node against
     numpy on its own input (so one rounding-boundary flip upstream cannot hide or fake a bug), and
-    its packed weight against the fp32 weight with the TRIP shifts folded in (W' = 2^s·W)."""
+    its packed weight against the fp32 weight with the Hadamard (B·W/h) and TRIP shifts (2^s·W)
+    folded in."""
     import onnx
     import onnx_ir as ir
 
@@ -581,12 +612,14 @@ def check_each_qmatmul(model_dir, fp32_dir, ids):
     for qn in qnodes:
         node = nodes[qn.name]
         a = {k: v.value for k, v in node.attributes.items()}
-        K, N, bs, act_bits = a["K"], a["N"], a["block_size"], a["act_bits"]
+        K, N, bs, act_bits, had = a["K"], a["N"], a["block_size"], a["act_bits"], a.get("hadamard", 0)
         ins = list(node.inputs) + [None] * (6 - len(node.inputs))
         arr = lambda v: None if v is None else v.const_value.numpy()
         W_hat = cops.dequantize_int4(arr(ins[1]), arr(ins[2]), arr(ins[3]), K, N, bs)
         shift = arr(ins[5])
         x = got[qn.input[0]].reshape(-1, K)
+        if had:
+            x = cops.hadamard_rows_reference(x, had)
         xs = x * np.exp2(-shift.astype(np.float32)) if shift is not None else x
         expected = fake_quantize_activations(xs, act_bits) @ W_hat
         y = got[qn.output[0]].reshape(-1, N)
@@ -595,6 +628,8 @@ def check_each_qmatmul(model_dir, fp32_dir, ids):
         # the packed weight is the layer's fp32 weight (rows scaled by 2^shift), 4-bit rounded
         base = ins[1].name[: -len(".qweight")]
         W = fp32.graph.initializers[f"{base}.weight"].const_value.numpy()
+        if had:
+            W = fold_hadamard(W, had)
         if shift is not None:
             W = fold_trip_shifts(W, shift)
         assert np.linalg.norm(W_hat - W) / np.linalg.norm(W) < 0.2, qn.name
@@ -649,6 +684,47 @@ def test_block_size_overrides_and_scale_refit_in_the_graph(tiny_model_dir, tmp_p
     assert record["scale_refit"] is True and record["block_size_overrides"] == {"lm_head": 16, "layers.*.down": 64}
     same_blocks = compile_tiny(tiny_model_dir, tmp_path, "refit32", calib_file, block_size=32, scale_refit=True)
     assert rel_err(prefill_logits(same_blocks, ids), fp32) < rel_err(prefill_logits(plain, ids), fp32)
+
+
+@pytest.mark.parametrize("act_bits", [16, 4])
+def test_hadamard_input_transform_in_the_graph(tiny_model_dir, tmp_path, calib_file, act_bits):
+    """hadamard = ["layers.*.down"]: the down QMatMuls get the attribute (the largest power of two
+    dividing K), every node computes what the pass meant on its actual input (transform, TRIP
+    shifts, fake quantization, folded weights), A16 equals the same graph in standard ops, and the
+    model stays close to fp32."""
+    import onnx_ir as ir
+
+    from compiler.runtime import open_session
+
+    _library_or_skip()
+    out = compile_tiny(tiny_model_dir, tmp_path, f"had{act_bits}", calib_file, block_size=32, act_bits=act_bits,
+                       trip=act_bits < 16, hadamard=["layers.*.down"])
+    nodes = [n for n in ir.load(str(out / "model.onnx")).graph if n.op_type == "QMatMul"]
+    had = {n.name: n.attributes.get_int("hadamard", 0) for n in nodes}
+    downs = {k: v for k, v in had.items() if "/mlp/down_proj/" in k}
+    K = next(n.attributes.get_int("K") for n in nodes if "/mlp/down_proj/" in n.name)
+    assert len(downs) == 2 and set(downs.values()) == {K & -K}
+    assert all(v == 0 for k, v in had.items() if k not in downs)
+    record = json.loads((out / "llmfold.json").read_text())["passes"][-1]["records"][0]
+    assert {k for k, v in record["layers"].items() if v.get("hadamard")} == {"layers.0.down", "layers.1.down"}
+    from compiler.inspect import inspect_model
+
+    rows = {r["name"]: r for r in inspect_model(out)["linear_layers"]}
+    assert rows["layers.1.down"]["hadamard"] == K & -K and rows["layers.1.up"]["hadamard"] is None
+    lm = open_session(tiny_model_dir, threads=1)
+    ids = lm.encode(EVAL_TEXT)[:64]
+    fp32 = lm.prefill_logits(ids)
+    compiled = prefill_logits(out, ids)
+    check_each_qmatmul(out, tiny_model_dir, ids)
+    if act_bits == 16:
+        assert rel_err(compiled, simulated_logits(out, ids)) < 2e-3
+    assert rel_err(compiled, fp32) < (0.2 if act_bits == 16 else 0.4)
+
+
+def test_hadamard_must_select_every_reader_of_an_input(tiny_model_dir, tmp_path, calib_file):
+    with pytest.raises(UserError, match=r"hadamard selects some but not all of the layers reading .*select all or none"):
+        compile_tiny(tiny_model_dir, tmp_path, "had_q", calib_file, block_size=32, hadamard=["layers.*.q"])
+    assert not (tmp_path / "had_q").exists()
 
 
 def test_excluded_layers_stay_dense(tiny_model_dir, tmp_path, calib_file):

@@ -2,13 +2,16 @@
 // layout of kernels/kernels.h. Inputs: A float, B uint8 (packed), scales float, zero_points uint8
 // (optional), bias float [N] (optional), channel_shift uint8 [K] (optional, TRIP: channel k of A is
 // divided by 2^shift[k] before activation quantization; only meaningful for act_bits 8/4, rejected
-// with act_bits 16). Attributes: K, N, block_size (16..256, power of two), act_bits (16 | 8 | 4).
+// with act_bits 16). Attributes: K, N, block_size (16..256, power of two), act_bits (16 | 8 | 4),
+// hadamard (0 = none, else h: a power of two >= 2 dividing K; every row of A is first multiplied by
+// the block-diagonal Sylvester Hadamard matrix of order h, kernels/ref/hadamard.h).
 #include <algorithm>
 #include <cstring>
 #include <memory>
 
 #include "common.h"
 #include "kernels/kernels.h"
+#include "kernels/ref/hadamard.h"
 
 namespace llmfold {
 namespace ortglue {
@@ -38,7 +41,7 @@ constexpr int64_t kStreamTaskBytes = int64_t{64} << 10;
 
 struct QMatMulKernel {
   static constexpr const char* kName = "QMatMul";
-  int64_t K, N, block_size, act_bits, n_blocks, n_tiles, Kp;
+  int64_t K, N, block_size, act_bits, hadamard, n_blocks, n_tiles, Kp;
 
   explicit QMatMulKernel(const OrtKernelInfo* raw) {
     Ort::ConstKernelInfo info(raw);
@@ -46,12 +49,16 @@ struct QMatMulKernel {
     N = attr_int(info, "N", true, 0);
     block_size = attr_int(info, "block_size", true, 0);
     act_bits = attr_int(info, "act_bits", false, 16);
+    hadamard = attr_int(info, "hadamard", false, 0);
     if (K < 1 || K > (int64_t{1} << 30)) fail("attribute K must be in [1, 2^30], got ", std::to_string(K));
     if (N < 1 || N > (int64_t{1} << 30)) fail("attribute N must be in [1, 2^30], got ", std::to_string(N));
     if (block_size < 16 || block_size > 256 || (block_size & (block_size - 1)))
       fail("attribute block_size must be a power of two in [16, 256], got ", std::to_string(block_size));
     if (act_bits != 16 && act_bits != 8 && act_bits != 4)
       fail("attribute act_bits must be 16, 8 or 4, got ", std::to_string(act_bits));
+    if (hadamard != 0 && (hadamard < 2 || (hadamard & (hadamard - 1)) || K % hadamard))
+      fail("attribute hadamard must be 0 (none) or a power of two >= 2 dividing K=", std::to_string(K), ", got ",
+           std::to_string(hadamard));
     n_blocks = (K + block_size - 1) / block_size;
     n_tiles = (N + kTileN - 1) / kTileN;
     Kp = n_blocks * block_size;
@@ -142,6 +149,17 @@ struct QMatMulKernel {
     if (m0 < m1) w.kt->quantize_rows(w.A, w.K, w.K, m0, m1, w.shift, static_cast<int>(w.act_bits), w.Q);
   }
 
+  struct HadamardWork {
+    const float* A;
+    float* dst;
+    int64_t K, h, M, rows_per;
+  };
+  static void hadamard_task(void* p, size_t i) {
+    const HadamardWork& w = *static_cast<const HadamardWork*>(p);
+    const int64_t m0 = static_cast<int64_t>(i) * w.rows_per, m1 = std::min(w.M, m0 + w.rows_per);
+    if (m0 < m1) hadamard_rows(w.A, w.K, w.dst, w.K, w.K, w.h, m0, m1);
+  }
+
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
     const In A = get_input(ctx, 0), B = fetch(ctx, 1), S = fetch(ctx, 2), Z = fetch(ctx, 3), bias = fetch(ctx, 4),
@@ -196,6 +214,16 @@ struct QMatMulKernel {
     if (M == 0) return;
     float* Y = Yv.GetTensorMutableData<float>();
     const float* a = A.data<float>();
+    thread_local std::vector<float> rotated;
+    if (hadamard) {  // x <- x . H_h per block of h channels, before anything else sees A
+      if (rotated.size() < static_cast<size_t>(M * K)) rotated.resize(static_cast<size_t>(M * K));
+      HadamardWork hw{a, rotated.data(), K, hadamard, M, 0};
+      const int64_t htasks = std::max<int64_t>(1, std::min<int64_t>(M / 8, 16));
+      hw.rows_per = (M + htasks - 1) / htasks;
+      if (htasks == 1) hadamard_task(&hw, 0);
+      else ctx.ParallelFor(&QMatMulKernel::hadamard_task, static_cast<size_t>(htasks), 0, &hw);
+      a = rotated.data();
+    }
 
     Work w{};
     w.kt = &active_kernels();

@@ -16,6 +16,7 @@
 
 #include "kernels.h"
 #include "paths.h"
+#include "ref/hadamard.h"
 #include "ref/token_prune.h"
 
 using namespace llmfold;
@@ -298,6 +299,39 @@ void spec_checks() {
       CHECK(std::equal(ia, ia + 9, ib), "token_prune kept indices from query/key differ (mode %d)", int(mode));
     }
     CHECK(std::fabs(P[0] - 1.0f) < 1e-7, "first query attends only to itself");
+  }
+  {  // hadamard_rows: the butterfly equals the dense product with Sylvester's H_h (H_{2n} =
+     // [[H, H], [H, -H]], so H[i][j] = (-1)^popcount(i & j)), per block, and applying it twice
+     // gives h * x (H * H = h * I); the source rows stay untouched; integers stay exact
+    std::mt19937_64 rng(7);
+    std::uniform_int_distribution<int> small(-50, 50);
+    for (const int64_t h : {2, 4, 8, 64, 512}) {
+      const int64_t K = 3 * h, M = 3, lda = K + 5;
+      std::vector<float> A(static_cast<size_t>(M * lda)), out(static_cast<size_t>(M * K)), twice(out.size());
+      for (auto& v : A) v = static_cast<float>(small(rng));
+      const std::vector<float> A0 = A;
+      hadamard_rows(A.data(), lda, out.data(), K, K, h, 0, M);
+      hadamard_rows(out.data(), K, twice.data(), K, K, h, 0, M);
+      bool dense_ok = true, inv_ok = true;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t b = k / h * h;
+          double ref = 0;
+          for (int64_t j = 0; j < h; ++j)
+            ref += A[m * lda + b + j] * ((__builtin_popcountll(static_cast<unsigned long long>(j & (k - b))) & 1) ? -1.0 : 1.0);
+          dense_ok = dense_ok && out[m * K + k] == static_cast<float>(ref);
+          inv_ok = inv_ok && twice[m * K + k] == static_cast<float>(h) * A[m * lda + k];
+        }
+      CHECK(dense_ok, "hadamard_rows h=%lld differs from the dense Sylvester product", (long long)h);
+      CHECK(inv_ok, "hadamard_rows h=%lld applied twice is not h * x", (long long)h);
+      CHECK(A == A0, "hadamard_rows h=%lld wrote to its source", (long long)h);
+      const std::vector<float> before = out;
+      hadamard_rows(out.data(), K, out.data(), K, K, h, 1, 2);  // in place, one row of a range
+      CHECK(std::equal(out.begin() + K, out.begin() + 2 * K, twice.begin() + K) &&
+                std::equal(out.begin(), out.begin() + K, before.begin()) &&
+                std::equal(out.begin() + 2 * K, out.end(), before.begin() + 2 * K),
+            "hadamard_rows in place over rows [1, 2) must change exactly that row");
+    }
   }
 }
 
