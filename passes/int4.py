@@ -622,17 +622,18 @@ def fold_hadamard(W: np.ndarray, h: int) -> np.ndarray:
 
     K, N = W.shape
     Wb = np.asarray(W, np.float64).reshape(K // h, h, N)
-    return (np.einsum("ij,bjn->bin", sylvester_hadamard(h).astype(np.float64), Wb) / h).reshape(K, N).astype(np.float32)
+    return (np.matmul(sylvester_hadamard(h).astype(np.float64), Wb) / h).reshape(K, N).astype(np.float32)
 
 
 def hadamard_gram(H: np.ndarray, h: int) -> np.ndarray:
-    """(X·B)ᵀ(X·B) = B·XᵀX·B for the block-diagonal B of fold_hadamard (float64)."""
+    """(X·B)ᵀ(X·B) = B·XᵀX·B for the block-diagonal B of fold_hadamard (float64; two batched
+    products with the h×h blocks, O(h·K²))."""
     from compiler.custom_ops import sylvester_hadamard
 
     K = H.shape[0]
     Hh = sylvester_hadamard(h).astype(np.float64)
-    G = np.asarray(H, np.float64).reshape(K // h, h, K // h, h)
-    return np.einsum("ij,ajbk,kl->aibl", Hh, G, Hh).reshape(K, K)
+    left = np.matmul(Hh, np.asarray(H, np.float64).reshape(K // h, h, K)).reshape(K, K)  # B·H
+    return np.matmul(left.reshape(K, K // h, h), Hh).reshape(K, K)  # (B·H)·B (Hh symmetric)
 
 
 def trip_objective_terms(
