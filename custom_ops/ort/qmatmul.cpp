@@ -136,28 +136,26 @@ struct QMatMulKernel {
     }
   }
 
-  struct QuantWork {
+  // Per-row preparation of A, rows split into tasks: the Hadamard transform into `rotated` (when
+  // set), then the activation quantization (act_bits 8/4) of the same rows while they are in cache.
+  struct RowWork {
     const KernelTable* kt;
     const float* A;
-    int64_t K, M, rows_per, act_bits;
+    float* rotated;  // [M][K], or nullptr: no transform
+    int64_t K, h, M, rows_per, act_bits;
     const uint8_t* shift;
     QuantizedRows Q;
   };
-  static void quant_task(void* p, size_t i) {
-    const QuantWork& w = *static_cast<const QuantWork*>(p);
+  static void row_task(void* p, size_t i) {
+    const RowWork& w = *static_cast<const RowWork*>(p);
     const int64_t m0 = static_cast<int64_t>(i) * w.rows_per, m1 = std::min(w.M, m0 + w.rows_per);
-    if (m0 < m1) w.kt->quantize_rows(w.A, w.K, w.K, m0, m1, w.shift, static_cast<int>(w.act_bits), w.Q);
-  }
-
-  struct HadamardWork {
-    const float* A;
-    float* dst;
-    int64_t K, h, M, rows_per;
-  };
-  static void hadamard_task(void* p, size_t i) {
-    const HadamardWork& w = *static_cast<const HadamardWork*>(p);
-    const int64_t m0 = static_cast<int64_t>(i) * w.rows_per, m1 = std::min(w.M, m0 + w.rows_per);
-    if (m0 < m1) hadamard_rows(w.A, w.K, w.dst, w.K, w.K, w.h, m0, m1);
+    if (m0 >= m1) return;
+    const float* src = w.A;
+    if (w.rotated) {
+      hadamard_rows(w.A, w.K, w.rotated, w.K, w.K, w.h, m0, m1);
+      src = w.rotated;
+    }
+    if (w.act_bits != 16) w.kt->quantize_rows(src, w.K, w.K, m0, m1, w.shift, static_cast<int>(w.act_bits), w.Q);
   }
 
   void Compute(OrtKernelContext* raw) {
@@ -214,16 +212,6 @@ struct QMatMulKernel {
     if (M == 0) return;
     float* Y = Yv.GetTensorMutableData<float>();
     const float* a = A.data<float>();
-    thread_local std::vector<float> rotated;
-    if (hadamard) {  // x <- x . H_h per block of h channels, before anything else sees A
-      if (rotated.size() < static_cast<size_t>(M * K)) rotated.resize(static_cast<size_t>(M * K));
-      HadamardWork hw{a, rotated.data(), K, hadamard, M, 0};
-      const int64_t htasks = std::max<int64_t>(1, std::min<int64_t>(M / 8, 16));
-      hw.rows_per = (M + htasks - 1) / htasks;
-      if (htasks == 1) hadamard_task(&hw, 0);
-      else ctx.ParallelFor(&QMatMulKernel::hadamard_task, static_cast<size_t>(htasks), 0, &hw);
-      a = rotated.data();
-    }
 
     Work w{};
     w.kt = &active_kernels();
@@ -236,8 +224,27 @@ struct QMatMulKernel {
 
     // Per-thread buffers reused across calls (no allocation or zero-filling per call; quantize_rows
     // writes every element the kernels read).
-    thread_local std::vector<float> padded;
+    thread_local std::vector<float> padded, rotated;
     thread_local std::vector<int32_t> qstore;
+    RowWork rw{w.kt, a, nullptr, K, hadamard, M, 0, act_bits, sh, {}};
+    if (hadamard) {  // x <- x . H_h per block of h channels, before anything else sees A
+      if (rotated.size() < static_cast<size_t>(M * K)) rotated.resize(static_cast<size_t>(M * K));
+      rw.rotated = rotated.data();
+    }
+    if (act_bits != 16) {
+      const size_t qwords = static_cast<size_t>((M * Kp + 3) / 4), need = qwords + static_cast<size_t>(M + M * n_blocks);
+      if (qstore.size() < need) qstore.resize(need);
+      int32_t* base = qstore.data();
+      w.Q = rw.Q = QuantizedRows{reinterpret_cast<int8_t*>(base), reinterpret_cast<float*>(base + qwords),
+                                 base + qwords + M, Kp, n_blocks};
+    }
+    if (hadamard || act_bits != 16) {
+      const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(M / 8, 16));
+      rw.rows_per = (M + tasks - 1) / tasks;
+      if (tasks == 1) row_task(&rw, 0);
+      else ctx.ParallelFor(&QMatMulKernel::row_task, static_cast<size_t>(tasks), 0, &rw);
+      if (hadamard) a = rotated.data();
+    }
     if (act_bits == 16) {
       if (Kp == K) {
         w.A = a;
@@ -246,17 +253,6 @@ struct QMatMulKernel {
         for (int64_t m = 0; m < M; ++m) std::memcpy(&padded[m * Kp], a + m * K, sizeof(float) * K);
         w.A = padded.data();
       }
-    } else {
-      const size_t qwords = static_cast<size_t>((M * Kp + 3) / 4), need = qwords + static_cast<size_t>(M + M * n_blocks);
-      if (qstore.size() < need) qstore.resize(need);
-      int32_t* base = qstore.data();
-      w.Q = QuantizedRows{reinterpret_cast<int8_t*>(base), reinterpret_cast<float*>(base + qwords),
-                          base + qwords + M, Kp, n_blocks};
-      QuantWork qw{w.kt, a, K, M, 0, act_bits, sh, w.Q};
-      const int64_t qtasks = std::max<int64_t>(1, std::min<int64_t>(M / 8, 16));
-      qw.rows_per = (M + qtasks - 1) / qtasks;
-      if (qtasks == 1) quant_task(&qw, 0);
-      else ctx.ParallelFor(&QMatMulKernel::quant_task, static_cast<size_t>(qtasks), 0, &qw);
     }
 
     // Task grid. Few rows (M < 4 int, M < 3 A16: the streaming kernels, decode steps): the call is
