@@ -384,6 +384,9 @@ def test_trip_keeps_shifts_zero_without_outliers():
         ({"precision": "float16"}, "precision"),
         ({"include": [""]}, "include"),
         ({"hadamard": [""]}, "hadamard"),
+        ({"hadamard": ["layers.*.down"], "hadamard_size": 48}, "hadamard_size"),
+        ({"hadamard": ["layers.*.down"], "hadamard_size": 1}, "hadamard_size"),
+        ({"hadamard_size": 64}, "hadamard_size"),
     ],
 )
 def test_bad_params_raise_user_errors_naming_the_key(kwargs, key):
@@ -403,6 +406,8 @@ def test_layer_selection_and_act_bits_overrides():
     h = Int4Params(hadamard=["layers.*.down"])
     assert [h.hadamard_for("layers.2.down", K) for K in (1536, 576, 96, 7)] == [512, 64, 32, 0]
     assert h.hadamard_for("layers.2.up", 1536) == 0
+    h64 = Int4Params(hadamard=["layers.*.down"], hadamard_size=64)
+    assert [h64.hadamard_for("layers.2.down", K) for K in (1536, 576, 96, 7)] == [64, 64, 32, 0]
 
 
 def test_hadamard_fold_is_exact():
@@ -686,31 +691,33 @@ def test_block_size_overrides_and_scale_refit_in_the_graph(tiny_model_dir, tmp_p
     assert rel_err(prefill_logits(same_blocks, ids), fp32) < rel_err(prefill_logits(plain, ids), fp32)
 
 
-@pytest.mark.parametrize("act_bits", [16, 4])
-def test_hadamard_input_transform_in_the_graph(tiny_model_dir, tmp_path, calib_file, act_bits):
+@pytest.mark.parametrize("act_bits,size", [(16, 0), (4, 0), (8, 16)])
+def test_hadamard_input_transform_in_the_graph(tiny_model_dir, tmp_path, calib_file, act_bits, size):
     """hadamard = ["layers.*.down"]: the down QMatMuls get the attribute (the largest power of two
-    dividing K), every node computes what the pass meant on its actual input (transform, TRIP
-    shifts, fake quantization, folded weights), A16 equals the same graph in standard ops, and the
-    model stays close to fp32."""
+    dividing K, or hadamard_size when smaller), every node computes what the pass meant on its
+    actual input (transform, TRIP shifts, fake quantization, folded weights), A16 equals the same
+    graph in standard ops, and the model stays close to fp32."""
     import onnx_ir as ir
 
     from compiler.runtime import open_session
 
     _library_or_skip()
     out = compile_tiny(tiny_model_dir, tmp_path, f"had{act_bits}", calib_file, block_size=32, act_bits=act_bits,
-                       trip=act_bits < 16, hadamard=["layers.*.down"])
+                       trip=act_bits == 4, hadamard=["layers.*.down"], hadamard_size=size)
     nodes = [n for n in ir.load(str(out / "model.onnx")).graph if n.op_type == "QMatMul"]
     had = {n.name: n.attributes.get_int("hadamard", 0) for n in nodes}
     downs = {k: v for k, v in had.items() if "/mlp/down_proj/" in k}
     K = next(n.attributes.get_int("K") for n in nodes if "/mlp/down_proj/" in n.name)
-    assert len(downs) == 2 and set(downs.values()) == {K & -K}
+    want = min(K & -K, size) if size else K & -K
+    assert size == 0 or want == size < K & -K  # the cap is exercised
+    assert len(downs) == 2 and set(downs.values()) == {want}
     assert all(v == 0 for k, v in had.items() if k not in downs)
     record = json.loads((out / "llmfold.json").read_text())["passes"][-1]["records"][0]
     assert {k for k, v in record["layers"].items() if v.get("hadamard")} == {"layers.0.down", "layers.1.down"}
     from compiler.inspect import inspect_model
 
     rows = {r["name"]: r for r in inspect_model(out)["linear_layers"]}
-    assert rows["layers.1.down"]["hadamard"] == K & -K and rows["layers.1.up"]["hadamard"] is None
+    assert rows["layers.1.down"]["hadamard"] == want and rows["layers.1.up"]["hadamard"] is None
     lm = open_session(tiny_model_dir, threads=1)
     ids = lm.encode(EVAL_TEXT)[:64]
     fp32 = lm.prefill_logits(ids)
