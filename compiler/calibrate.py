@@ -28,8 +28,12 @@ from compiler.errors import UserError
 from compiler.stats import InputStats
 
 
-def calibration_windows(model_dir, text_path=None, num_windows: int = 32, seq_len: int = 512, seed: int = 0) -> np.ndarray:
-    """[num_windows, seq_len] int64 token windows of the text (default: the calibration fortunes)."""
+def calibration_windows(model_dir, text_path=None, num_windows: int = 32, seq_len: int = 512, seed: int = 0,
+                        disjoint: bool = False) -> np.ndarray:
+    """[num_windows, seq_len] int64 token windows of the text (default: the calibration fortunes).
+
+    disjoint: no two windows share a token (they are distinct slots of a seq_len grid), so some of
+    them can serve as held-out windows for the others."""
     if num_windows < 1 or seq_len < 1:
         raise UserError(f"calibration needs at least one window of at least one token (got {num_windows} windows of {seq_len})")
     if text_path is None:
@@ -54,7 +58,16 @@ def calibration_windows(model_dir, text_path=None, num_windows: int = 32, seq_le
             "pass a longer text with --calib or lower the recipe's calibration seq_len"
         )
     rng = np.random.default_rng(seed)
-    starts = rng.integers(0, len(ids) - seq_len + 1, size=num_windows)
+    if disjoint:
+        slots = len(ids) // seq_len
+        if slots < num_windows:
+            raise UserError(
+                f"calibration text {text_path} has {len(ids)} tokens: {slots} disjoint windows of {seq_len}, "
+                f"{num_windows} needed; pass a longer text with --calib or ask for fewer windows"
+            )
+        starts = rng.choice(slots, size=num_windows, replace=False) * seq_len
+    else:
+        starts = rng.integers(0, len(ids) - seq_len + 1, size=num_windows)
     return np.stack([ids[s : s + seq_len] for s in starts]).astype(np.int64)
 
 
@@ -128,7 +141,7 @@ def collect_input_stats(
     InputStats. Values must be float tensors shaped [B, T, K] or [T, K]; returns name → stats."""
     import onnx
 
-    from compiler.runtime import KVLayout, create_session, dir_kv_dims, next_attention_mask, uses_custom_domain
+    from compiler.runtime import KVLayout, create_session, dir_kv_dims, prefill_feeds, uses_custom_domain
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -187,13 +200,7 @@ def collect_input_stats(
     with _progress(progress) as bar:
         task = bar.add_task("calibration", total=W) if bar else None
         for w in range(W):
-            ids = windows[w : w + 1]
-            feeds = {"input_ids": ids}
-            if "attention_mask" in layout.inputs:
-                feeds["attention_mask"] = next_attention_mask(None, T)
-            if layout.has_position_ids:
-                feeds["position_ids"] = np.arange(T, dtype=np.int64)[None]
-            feeds.update(layout.empty_past(1))
+            feeds = prefill_feeds(layout, windows[w])
             outs = dict(zip(fetch, sess.run(fetch, feeds))) if fetch else {}
             if w == 0 and len(Ks) < len(names):  # widths only known now: print the bound before streaming
                 for v in names:

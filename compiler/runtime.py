@@ -155,6 +155,19 @@ class KVLayout:
         return feeds
 
 
+def prefill_feeds(layout: KVLayout, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs scoring one token window [T] (or [1, T]) from an empty cache."""
+    ids = np.asarray(ids, np.int64).reshape(1, -1)
+    T = ids.shape[1]
+    feeds = {"input_ids": ids}
+    if "attention_mask" in layout.inputs:
+        feeds["attention_mask"] = next_attention_mask(None, T)
+    if layout.has_position_ids:
+        feeds["position_ids"] = np.arange(T, dtype=np.int64)[None]
+    feeds.update(layout.empty_past(1))
+    return feeds
+
+
 def kv_dims(config: dict | None, hf_config: dict | None) -> dict:
     """num_kv_heads / head_dim from llmfold.json's config, else from config.json (used when the
     graph's KV inputs have symbolic dims, as onnxruntime-genai's builder writes them)."""

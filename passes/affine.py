@@ -731,7 +731,7 @@ def onnx_block_io(ctx, model: ir.Model, structure, ids: np.ndarray) -> list[tupl
     """(residual in, residual out) of every block for one window ids [1, T], run in ORT."""
     import onnx
 
-    from compiler.runtime import KVLayout, create_session, next_attention_mask, uses_custom_domain
+    from compiler.runtime import KVLayout, create_session, prefill_feeds, uses_custom_domain
 
     names = []
     for b in structure.blocks:
@@ -749,15 +749,8 @@ def onnx_block_io(ctx, model: ir.Model, structure, ids: np.ndarray) -> list[tupl
             proto.graph.output.append(vi)
     sess = create_session(proto.SerializeToString(), ctx.threads, uses_custom_domain(proto), external_data_dir=path.parent.resolve())
     layout = KVLayout.from_session(sess)
-    T = ids.shape[1]
-    feeds = {"input_ids": ids}
-    if "attention_mask" in layout.inputs:
-        feeds["attention_mask"] = next_attention_mask(None, T)
-    if layout.has_position_ids:
-        feeds["position_ids"] = np.arange(T, dtype=np.int64)[None]
-    feeds.update(layout.empty_past(1))
     fetch = list(dict.fromkeys(names))
-    outs = dict(zip(fetch, sess.run(fetch, feeds)))
+    outs = dict(zip(fetch, sess.run(fetch, prefill_feeds(layout, ids))))
     return [(outs[names[2 * i]], outs[names[2 * i + 1]]) for i in range(len(structure.blocks))]
 
 

@@ -40,6 +40,20 @@ def test_windows_are_seeded_slices_of_the_text(tiny_model_dir, calib_text):
         assert np.array_equal(row, ids[s : s + 48])
 
 
+def test_disjoint_windows_share_no_token(tiny_model_dir, calib_text):
+    """disjoint = True: distinct slots of a seq_len grid (tune_scales holds some of them out)."""
+    ids = _tokens(tiny_model_dir, calib_text)
+    slots = len(ids) // 48
+    w = calibration_windows(tiny_model_dir, calib_text, num_windows=slots, seq_len=48, seed=3, disjoint=True)
+    starts = []
+    for row in w:
+        s = next(s for s in range(0, slots * 48, 48) if np.array_equal(ids[s : s + 48], row))
+        starts.append(s)
+    assert sorted(starts) == list(range(0, slots * 48, 48))  # every slot exactly once
+    with pytest.raises(UserError, match=rf"{slots} disjoint windows of 48, {slots + 1} needed"):
+        calibration_windows(tiny_model_dir, calib_text, num_windows=slots + 1, seq_len=48, disjoint=True)
+
+
 def test_text_too_short_says_how_many_tokens(tiny_model_dir, tmp_path):
     p = tmp_path / "short.txt"
     p.write_text("Flat is better than nested.")
