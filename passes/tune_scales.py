@@ -13,8 +13,10 @@ ONNX Runtime: the reference every earlier exact pass preserved), p_s the current
 from a torch reconstruction of the graph: Llama blocks whose QMatMuls are their dequantized
 weights, with each node's input transform as the op applies it (Hadamard blocks, TRIP divisions,
 per-token int8/int4 rounding with straight-through gradients); dense MatMuls stay frozen. Before
-any step the reconstruction is checked against ONNX Runtime on the current graph, so the pass
-never optimizes a model that is not the one it writes.
+any step the reconstruction is checked against ONNX Runtime on the current graph (activation
+rounding off on both sides; see `_check_reconstruction` for why), so the pass never optimizes a
+model that is not the one it writes. Memory: the student holds the codes and the dequantized
+weights in float32 (about twice the fp32 model) plus one window's activations for the backward.
 
 The scales are parametrized relatively, s = s₀ · (1 + δ) with δ = 0 at the start, so one Adam
 learning rate fits layers of any magnitude; an all-zero block (s₀ = 0) stays zero. Held-out windows
@@ -26,8 +28,18 @@ raises the held-out KL. The idea is EfficientQAT's end-to-end training of quanti
 What changes in the graph: only the QMatMul `scales` initializers (same shapes, same packed layout);
 the op, the codes and the zero points stay, so the compiled model's size and speed are unchanged.
 
-Measured on SmolLM2-135M (8×512 held-out tokens, fp32 export 42.756) after rotate + GPTQ + scale
-refit, 64 windows × 512 tokens, one epoch: see samples/recipes/w4a16.toml and w4a8.toml.
+Measured on SmolLM2-135M (8×512 held-out tokens, fp32 export 42.756; `llmfold compile` with the
+recipe, then `llmfold eval OUT --json`), one epoch, lr 1e-3, 2 threads:
+
+| recipe before this pass | without | 16 windows | 64 windows |
+|---|---|---|---|
+| w4a16 (rotate, GPTQ, scale refit) | 45.93 (1.074×) | | 43.68 (1.022×) |
+| w4a8 (+ int8 activations, Hadamard-64 on down_proj) | 46.08 (1.078×) | 45.05 (1.054×) | 44.46 (1.040×) |
+| w4a4 (+ int4 activations, Hadamard-512, TRIP) | 86.75 (2.029×) | | 60.01 (1.404×) |
+
+A step (one 512-token window: ONNX Runtime for the reference, torch forward and backward of the
+student) takes about 7 s here, so 64 windows add about 8 minutes. With lr 3e-3 and 16 windows the
+held-out KL rose (0.118 → 0.177) and keep-best wrote the int4 pass's scales unchanged.
 """
 
 from __future__ import annotations
