@@ -475,43 +475,44 @@ def _rope(z, cos, sin):
 def block_forward(x, w: dict, cfg: dict, act_bits: int = 16, taps: dict | None = None):
     """One Llama block on x [B, T, D] with (possibly transformed/fake-quantized) weights.
 
-    w: g1, g2, q, k, v, o, gate, up, down (tensors), eps1, eps2; cfg: H, KV, hd, cos, sin.
-    Activation quantization (act_bits < 16) is applied to the four linear inputs, as the
-    QMatMul does. `taps` (optional) receives the four linear inputs before quantization.
+    w: g1, g2, q, k, v, o, gate, up, down, eps1, eps2; cfg: H, KV, hd, cos, sin. A linear given
+    as a tensor W computes fake_quant(X, act_bits)·W (activation quantization on its input, as
+    the QMatMul does; once per input shared by several linears); one given as a callable is
+    called on X and owns its input transform (tune_scales' per-node QMatMul models). `taps`
+    (optional) receives the four linear inputs before quantization.
     """
-    import torch
     import torch.nn.functional as F
 
     B, T, D = x.shape
     H, KV, hd = cfg["H"], cfg["KV"], cfg["hd"]
     cos, sin = cfg["cos"][:T], cfg["sin"][:T]
-    n1 = _rms(x, w["eps1"]) * w["g1"]
-    if taps is not None:
-        taps["qkv"] = n1
-    n1 = fake_quant_act(n1, act_bits)
-    q = (n1 @ w["q"]).view(B, T, H, hd).transpose(1, 2)
-    k = (n1 @ w["k"]).view(B, T, KV, hd).transpose(1, 2)
-    v = (n1 @ w["v"]).view(B, T, KV, hd).transpose(1, 2)
-    q = _rope(q, cos, sin)
-    k = _rope(k, cos, sin)
+
+    def linears(z, tap: str, *roles):
+        if taps is not None:
+            taps[tap] = z
+        zq = None
+        out = []
+        for r in roles:
+            if callable(w[r]):
+                out.append(w[r](z))
+            else:
+                zq = fake_quant_act(z, act_bits) if zq is None else zq
+                out.append(zq @ w[r])
+        return out
+
+    q, k, v = linears(_rms(x, w["eps1"]) * w["g1"], "qkv", "q", "k", "v")
+    q = _rope(q.view(B, T, H, hd).transpose(1, 2), cos, sin)
+    k = _rope(k.view(B, T, KV, hd).transpose(1, 2), cos, sin)
+    v = v.view(B, T, KV, hd).transpose(1, 2)
     if KV != H:
         k = k.repeat_interleave(H // KV, dim=1)
         v = v.repeat_interleave(H // KV, dim=1)
     a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=hd**-0.5)
-    a = a.transpose(1, 2).reshape(B, T, H * hd)
-    if taps is not None:
-        taps["o"] = a
-    a = fake_quant_act(a, act_bits)
-    h = x + a @ w["o"]
-    n2 = _rms(h, w["eps2"]) * w["g2"]
-    if taps is not None:
-        taps["gate_up"] = n2
-    n2 = fake_quant_act(n2, act_bits)
-    m = F.silu(n2 @ w["gate"]) * (n2 @ w["up"])
-    if taps is not None:
-        taps["down"] = m
-    m = fake_quant_act(m, act_bits)
-    return h + m @ w["down"]
+    (o,) = linears(a.transpose(1, 2).reshape(B, T, H * hd), "o", "o")
+    h = x + o
+    gate, up = linears(_rms(h, w["eps2"]) * w["g2"], "gate_up", "gate", "up")
+    (down,) = linears(F.silu(gate) * up, "down", "down")
+    return h + down
 
 
 def fp_weights(bw: BlockWeights) -> dict:

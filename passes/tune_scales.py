@@ -46,6 +46,7 @@ windows are drawn matters at this size: another draw of 16 (with 4 held out, not
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import numpy as np
@@ -158,17 +159,13 @@ class _Linear:
         return y + self.bias if self.bias is not None else y
 
 
-_HADAMARD: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _sylvester(h: int):
     import torch
 
-    if h not in _HADAMARD:
-        from compiler.custom_ops import sylvester_hadamard
+    from compiler.custom_ops import sylvester_hadamard
 
-        _HADAMARD[h] = torch.from_numpy(sylvester_hadamard(h))
-    return _HADAMARD[h]
+    return torch.from_numpy(sylvester_hadamard(h))
 
 
 class _Student:
@@ -190,8 +187,9 @@ class _Student:
 
         self.blocks = []
         for b in s.blocks:
+            (g1, eps1), (g2, eps2) = norm(b.input_norm), norm(b.post_attention_norm)
             self.blocks.append({
-                "n1": norm(b.input_norm), "n2": norm(b.post_attention_norm),
+                "g1": g1, "eps1": eps1, "g2": g2, "eps2": eps2,
                 **{r: _Linear(model, getattr(b, r), True) for r in ("q", "k", "v", "o", "gate", "up", "down")},
             })  # fmt: skip
         self.final_norm = norm(s.final_norm)
@@ -203,29 +201,23 @@ class _Student:
 
     def logits(self, ids: np.ndarray):
         import torch
-        import torch.nn.functional as F
 
-        from passes.affine import _rms, _rope
+        from passes.affine import _rms, block_forward
 
         ids = torch.from_numpy(np.asarray(ids, np.int64).reshape(1, -1))
-        T = ids.shape[1]
-        H, KV, hd = self.H, self.KV, self.hd
-        cos, sin = self.cos[:T], self.sin[:T]
+        cfg = {"H": self.H, "KV": self.KV, "hd": self.hd, "cos": self.cos, "sin": self.sin}
         x = self.embedding[ids]
-        for blk in self.blocks:
-            (g1, e1), (g2, e2) = blk["n1"], blk["n2"]
-            n1 = _rms(x, e1) * g1
-            q = _rope(blk["q"](n1).view(1, T, H, hd).transpose(1, 2), cos, sin)
-            k = _rope(blk["k"](n1).view(1, T, KV, hd).transpose(1, 2), cos, sin)
-            v = blk["v"](n1).view(1, T, KV, hd).transpose(1, 2)
-            if KV != H:
-                k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=hd**-0.5)
-            h = x + blk["o"](a.transpose(1, 2).reshape(1, T, H * hd))
-            n2 = _rms(h, e2) * g2
-            x = h + blk["down"](F.silu(blk["gate"](n2)) * blk["up"](n2))
+        for blk in self.blocks:  # each _Linear applies its own QMatMul input transform
+            x = block_forward(x, blk, cfg)
         g, e = self.final_norm
         return self.lm_head(_rms(x, e) * g)[0]
+
+
+def _log_probs(logits: np.ndarray):
+    """torch log-softmax [T, V] of ONNX Runtime logits."""
+    import torch
+
+    return torch.from_numpy(np.asarray(logits, np.float32)).log_softmax(-1)
 
 
 def _kl(ref_logp, logits):
@@ -274,7 +266,7 @@ class TuneScalesPass(CompilerPass):
             train, val = windows[: p.windows], windows[p.windows :]
             teacher = self._teacher()
             with torch.no_grad():
-                val_ref = [torch.from_numpy(self._ref_logp(teacher, w)) for w in val]
+                val_ref = [_log_probs(teacher.prefill_logits(w)) for w in val]
                 mismatch = self._check_reconstruction(model, student, val[0])
                 history = self._train(student, train, val, val_ref, teacher)
         finally:
@@ -313,12 +305,6 @@ class TuneScalesPass(CompilerPass):
 
         return LanguageModel(self.ctx.model_dir.path, self.ctx.threads)
 
-    @staticmethod
-    def _ref_logp(teacher, ids) -> np.ndarray:
-        logits = teacher.prefill_logits(ids).astype(np.float32)
-        m = logits.max(-1, keepdims=True)
-        return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
-
     def _check_reconstruction(self, model: ir.Model, student: _Student, ids) -> float:
         """KL(ONNX Runtime ‖ torch student) on one window, activation rounding off on both sides.
 
@@ -329,7 +315,6 @@ class TuneScalesPass(CompilerPass):
         evaluation). So the check is structural: the copy run by ORT has act_bits = 16 and no TRIP
         input on every QMatMul, the student the same for this one forward."""
         import onnx
-        import torch
 
         from compiler.runtime import KVLayout, create_session, dir_kv_dims, prefill_feeds
 
@@ -356,7 +341,7 @@ class TuneScalesPass(CompilerPass):
         try:
             for lin in student.linears:
                 lin.act_bits, lin.inv_shift = 16, None
-            ref = torch.from_numpy(graph_logits.astype(np.float32)).log_softmax(-1)
+            ref = _log_probs(graph_logits)
             mismatch = float(_kl(ref, student.logits(ids)))
         finally:
             for lin, bits, shift in saved:
@@ -384,7 +369,7 @@ class TuneScalesPass(CompilerPass):
             for epoch in range(1, p.epochs + 1):
                 losses = []
                 for i in rng.permutation(len(train)):
-                    ref = torch.from_numpy(self._ref_logp(teacher, train[i]))
+                    ref = _log_probs(teacher.prefill_logits(train[i]))
                     with torch.enable_grad():
                         opt.zero_grad(set_to_none=True)
                         loss = _kl(ref, student.logits(train[i]))
