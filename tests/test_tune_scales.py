@@ -34,12 +34,10 @@ def calib_file(tmp_path_factory):
     return p
 
 
-def _recipe(int4: str, tune: str = "windows = 6\nval_windows = 2\nseq_len = 64\nepochs = 2\nlr = 0.01\n") -> str:
-    return (
-        "[calibration]\nwindows = 4\nseq_len = 64\n\n"
-        f'[[pass]]\nname = "int4"\nalgorithm = "rtn"\nblock_size = 16\n{int4}\n'
-        f'[[pass]]\nname = "tune_scales"\n{tune}'
-    )
+def _recipe(int4: str, tune: str | None = "windows = 6\nval_windows = 2\nseq_len = 64\nepochs = 2\nlr = 0.01\n") -> str:
+    """int4 (RTN, blocks of 16) with the given keys, then tune_scales with `tune` (None: no tuning)."""
+    text = "[calibration]\nwindows = 4\nseq_len = 64\n\n" f'[[pass]]\nname = "int4"\nalgorithm = "rtn"\nblock_size = 16\n{int4}\n'
+    return text if tune is None else text + f'[[pass]]\nname = "tune_scales"\n{tune}'
 
 
 def _compile(src, tmp, name, calib, text):
@@ -93,7 +91,7 @@ def test_scales_tuned_codes_kept_and_recorded_kl_is_what_ort_measures(tiny_model
 
     _library_or_skip()
     int4 = f"act_bits = {act_bits}\n{extra}"
-    base = _compile(tiny_model_dir, tmp_path, "base", calib_file, _recipe(int4).split('[[pass]]\nname = "tune_scales"')[0])
+    base = _compile(tiny_model_dir, tmp_path, "base", calib_file, _recipe(int4, tune=None))
     tuned = _compile(tiny_model_dir, tmp_path, "tuned", calib_file, _recipe(int4))
     before, after = _qmatmuls(base), _qmatmuls(tuned)
     assert before.keys() == after.keys() and len(after) == 15  # 2 blocks × 7 + lm_head
