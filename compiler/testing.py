@@ -256,17 +256,33 @@ def files_digest(directory) -> dict[str, str]:
     return out
 
 
-def compile_recipe_text(src, tmp, name: str, text: str) -> Path:
+def compile_recipe_text(src, tmp, name: str, text: str, calib=None) -> Path:
     """Compile model directory `src` into tmp/name with the recipe TOML `text` (quietly)."""
     from compiler.driver import compile_model
 
     recipe = Path(tmp) / f"{name}.toml"
     recipe.write_text(text)
-    return compile_model(src, Path(tmp) / name, recipe=str(recipe), progress=False)
+    return compile_model(src, Path(tmp) / name, recipe=str(recipe), calib=str(calib) if calib else None, progress=False)
 
 
 def write_json(path, obj) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def heldout_kl(reference_dir, model_dir, windows) -> float:
+    """Mean KL(reference ‖ model) per token over the windows, both run by ONNX Runtime."""
+    from compiler.runtime import open_session
+
+    ref, lm = open_session(reference_dir, threads=1), open_session(model_dir, threads=1)
+    total = 0.0
+    for w in windows:
+        a, b = ref.prefill_logits(w).astype(np.float64), lm.prefill_logits(w).astype(np.float64)
+        la = a - a.max(-1, keepdims=True)
+        la -= np.log(np.exp(la).sum(-1, keepdims=True))
+        lb = b - b.max(-1, keepdims=True)
+        lb -= np.log(np.exp(lb).sum(-1, keepdims=True))
+        total += float((np.exp(la) * (la - lb)).sum(-1).mean())
+    return total / len(windows)
 
 
 __all__ = [
@@ -280,7 +296,9 @@ __all__ = [
     "onnx_session",
     "onnx_prefill_decode_logits",
     "files_digest",
+    "heldout_kl",
 ]
+
 
 if __name__ == "__main__":  # pragma: no cover - manual use: python -m compiler.testing DIR
     import sys

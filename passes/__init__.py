@@ -4,6 +4,7 @@
     int4         linear layers → QMatMul with 4-bit weights (RTN / clipping search / GPTQ), A16/A8/A4
     tune_scales  QMatMul block scales tuned end to end by distillation from the input model
     svd          SVD-LLM whitened low-rank pairs
+    tune_lowrank dense low-rank factors tuned end to end by distillation from the input model
     affine       AffineQuant learned affine transforms folded into the weights
     rotate       residual-stream randomized Hadamard rotation
     token_prune  Agile-Quant token pruning in the prefill
@@ -18,7 +19,7 @@ import importlib
 
 from passes.base import REGISTRY, CompilerPass, make_params, register_pass
 
-for _module in ("cleanup", "int4", "tune_scales", "svd", "affine", "rotate", "token_prune", "pack", "silu", "skip_norm"):
+for _module in ("cleanup", "int4", "tune_scales", "svd", "tune_lowrank", "affine", "rotate", "token_prune", "pack", "silu", "skip_norm"):
     try:
         importlib.import_module(f"passes.{_module}")
     except ModuleNotFoundError as e:  # a method not written yet is simply not registered

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from compiler.errors import UserError
+from compiler.testing import compile_recipe_text, files_digest, heldout_kl
 
 CALIB_TEXT = (
     "A small language model lived on a phone and told stories about rivers, cats and mountains. "
@@ -40,14 +41,6 @@ def _recipe(int4: str, tune: str | None = "windows = 6\nval_windows = 2\nseq_len
     return text if tune is None else text + f'[[pass]]\nname = "tune_scales"\n{tune}'
 
 
-def _compile(src, tmp, name, calib, text):
-    from compiler.driver import compile_model
-
-    recipe = tmp / f"{name}.toml"
-    recipe.write_text(text)
-    return compile_model(src, tmp / name, recipe=str(recipe), calib=str(calib), progress=False)
-
-
 def _qmatmuls(directory) -> dict:
     """node name → unpacked (q, scales, zero_points) of every QMatMul."""
     import onnx_ir as ir
@@ -66,22 +59,6 @@ def _qmatmuls(directory) -> dict:
     return out
 
 
-def _heldout_kl(reference_dir, model_dir, windows) -> float:
-    """Mean KL(reference ‖ model) per token over the windows, both run by ONNX Runtime."""
-    from compiler.runtime import open_session
-
-    ref, lm = open_session(reference_dir, threads=1), open_session(model_dir, threads=1)
-    total = 0.0
-    for w in windows:
-        a, b = ref.prefill_logits(w).astype(np.float64), lm.prefill_logits(w).astype(np.float64)
-        la = a - a.max(-1, keepdims=True)
-        la -= np.log(np.exp(la).sum(-1, keepdims=True))
-        lb = b - b.max(-1, keepdims=True)
-        lb -= np.log(np.exp(lb).sum(-1, keepdims=True))
-        total += float((np.exp(la) * (la - lb)).sum(-1).mean())
-    return total / len(windows)
-
-
 @pytest.mark.parametrize(
     "act_bits, extra",
     [(16, ""), (8, 'hadamard = ["layers.*.down"]\nhadamard_size = 16\n'), (4, "trip = true\n")],
@@ -91,8 +68,8 @@ def test_scales_tuned_codes_kept_and_recorded_kl_is_what_ort_measures(tiny_model
 
     _library_or_skip()
     int4 = f"act_bits = {act_bits}\n{extra}"
-    base = _compile(tiny_model_dir, tmp_path, "base", calib_file, _recipe(int4, tune=None))
-    tuned = _compile(tiny_model_dir, tmp_path, "tuned", calib_file, _recipe(int4))
+    base = compile_recipe_text(tiny_model_dir, tmp_path, "base", _recipe(int4, tune=None), calib_file)
+    tuned = compile_recipe_text(tiny_model_dir, tmp_path, "tuned", _recipe(int4), calib_file)
     before, after = _qmatmuls(base), _qmatmuls(tuned)
     assert before.keys() == after.keys() and len(after) == 15  # 2 blocks × 7 + lm_head
     changed = 0
@@ -107,22 +84,36 @@ def test_scales_tuned_codes_kept_and_recorded_kl_is_what_ort_measures(tiny_model
     record = json.loads((tuned / "llmfold.json").read_text())["passes"][-1]["records"][0]
     assert record["reconstruction_kl"] < 1e-3
     val = record["val_kl"]
-    assert record["kept_epoch"] == int(np.argmin(val)) and val[record["kept_epoch"]] < val[0]
+    assert record["kept_checkpoint"] == int(np.argmin(val)) and val[record["kept_checkpoint"]] < val[0]
     # the held-out windows are the last val_windows of the disjoint draw (seed 0)
     windows = calibration_windows(tiny_model_dir, calib_file, num_windows=8, seq_len=64, seed=0, disjoint=True)[6:]
-    assert _heldout_kl(tiny_model_dir, base, windows) == pytest.approx(val[0], rel=0.02)
-    assert _heldout_kl(tiny_model_dir, tuned, windows) == pytest.approx(val[record["kept_epoch"]], rel=0.02)
+    assert heldout_kl(tiny_model_dir, base, windows) == pytest.approx(val[0], rel=0.02)
+    assert heldout_kl(tiny_model_dir, tuned, windows) == pytest.approx(val[record["kept_checkpoint"]], rel=0.02)
+
+
+def test_low_rank_int4_pairs_have_both_factors_tuned(tiny_model_dir, tmp_path, calib_file):
+    """svd → int4 quantizes both factors of every pair; tune_scales tunes the scales of both."""
+    _library_or_skip()
+    svd = '[[pass]]\nname = "svd"\nratio = 0.2\n\n'
+    base = compile_recipe_text(tiny_model_dir, tmp_path, "base", svd + _recipe("act_bits = 8\n", tune=None), calib_file)
+    tuned = compile_recipe_text(tiny_model_dir, tmp_path, "tuned", svd + _recipe("act_bits = 8\n"), calib_file)
+    before, after = _qmatmuls(base), _qmatmuls(tuned)
+    assert before.keys() == after.keys() and len(after) == 2 * 14 + 1  # a pair per decoder linear + lm_head
+    for name in before:
+        assert np.array_equal(before[name]["q"], after[name]["q"]), name
+        assert not np.array_equal(before[name]["scales"], after[name]["scales"]), name
+    record = json.loads((tuned / "llmfold.json").read_text())["passes"][-1]["records"][0]
+    assert record["tuned_qmatmuls"] == 29 and record["reconstruction_kl"] < 1e-3
+    assert min(record["val_kl"]) < record["val_kl"][0]
 
 
 def test_same_seed_same_files(tiny_model_dir, tmp_path, calib_file):
-    from compiler.testing import files_digest
-
     _library_or_skip()
     tune = "windows = 3\nval_windows = 1\nseq_len = 32\nepochs = 1\n"
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    a = _compile(tiny_model_dir, tmp_path / "a", "m", calib_file, _recipe("act_bits = 8\n", tune))
-    b = _compile(tiny_model_dir, tmp_path / "b", "m", calib_file, _recipe("act_bits = 8\n", tune))
+    a = compile_recipe_text(tiny_model_dir, tmp_path / "a", "m", _recipe("act_bits = 8\n", tune), calib_file)
+    b = compile_recipe_text(tiny_model_dir, tmp_path / "b", "m", _recipe("act_bits = 8\n", tune), calib_file)
     assert files_digest(a) == files_digest(b)
 
 
@@ -130,19 +121,19 @@ def test_refuses_graphs_it_cannot_reconstruct(tiny_model_dir, tmp_path, calib_fi
     _library_or_skip()
     tune = "windows = 2\nval_windows = 1\nseq_len = 32\n"
     with pytest.raises(UserError, match="has no QMatMul; run the int4 pass before tune_scales"):
-        _compile(tiny_model_dir, tmp_path, "no_int4", calib_file, f'[[pass]]\nname = "tune_scales"\n{tune}')
-    low_rank = '[[pass]]\nname = "svd"\nratio = 0.2\n\n' + _recipe("", tune)
-    with pytest.raises(UserError, match=r"tune_scales: layers\.0\.\w+ is low-rank; it supports one MatMul or QMatMul"):
-        _compile(tiny_model_dir, tmp_path, "low_rank", calib_file, low_rank)
+        compile_recipe_text(tiny_model_dir, tmp_path, "no_int4", f'[[pass]]\nname = "tune_scales"\n{tune}', calib_file)
+    packed = _recipe("", None) + '[[pass]]\nname = "pack_qkv"\n\n[[pass]]\nname = "tune_scales"\n' + tune
+    with pytest.raises(UserError, match=r"tune_scales: layers\.0\.q is a fused column slice; it supports one MatMul/QMatMul or a low-rank pair"):
+        compile_recipe_text(tiny_model_dir, tmp_path, "packed", packed, calib_file)
     # a model the torch reconstruction does not describe (here: simulated by a different attention
     # scale) is caught by the check against ONNX Runtime before any step
-    import passes.tune_scales as ts
+    from passes.distill import Student
 
-    logits = ts._Student.logits
-    monkeypatch.setattr(ts._Student, "logits", lambda self, ids: 1.5 * logits(self, ids))
+    logits = Student.logits
+    monkeypatch.setattr(Student, "logits", lambda self, ids: 1.5 * logits(self, ids))
     with pytest.raises(UserError, match="torch reconstruction of this graph differs from ONNX Runtime"):
-        _compile(tiny_model_dir, tmp_path, "mismatch", calib_file, _recipe("", tune))
-    assert not any((tmp_path / n).exists() for n in ("no_int4", "low_rank", "mismatch"))
+        compile_recipe_text(tiny_model_dir, tmp_path, "mismatch", _recipe("", tune), calib_file)
+    assert not any((tmp_path / n).exists() for n in ("no_int4", "packed", "mismatch"))
 
 
 @pytest.mark.parametrize(

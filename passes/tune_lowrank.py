@@ -1,0 +1,90 @@
+"""Low-rank factors trained end to end by distillation from the input model (after `svd`).
+
+The svd pass fits each low-rank pair X·W₁·W₂ to its own layer's output in closed form, in model
+order; the errors of 210 pairs still compound through the blocks (SmolLM2 svd-10: 1.62× the fp32
+perplexity). This pass trains every dense factor W₁ (K×r) and W₂ (r×N) of the low-rank layers
+jointly, with the ranks fixed, to minimize the KL from the input model's next-token distribution
+over calibration windows (passes/distill.py: teacher = the compile's input run by ONNX Runtime,
+student = a torch rebuild of the current graph checked against it, held-out keep-best). It is
+the fine-tuning step SVD-LLM's paper applies after truncation (there LoRA on the factors with
+next-token labels), here on the factors themselves with the uncompressed model as the teacher.
+
+Adam moves each factor by about lr·rms(factor) per step: one learning rate fits factors whose
+scales differ by orders of magnitude (W₁ = S⁻ᵀ·U·Σ^½ carries the inverse whitening). Dense
+layers the svd pass left whole, norms, embeddings and QMatMuls stay frozen. What changes in the
+graph: only the factor initializers (same shapes), so size and speed are unchanged.
+
+Measured on SmolLM2-135M (8×512 held-out tokens, fp32 export 42.756; `llmfold compile` with the
+recipe, then `llmfold eval OUT --json`), one epoch, 2 threads; a step (one 512-token window)
+takes about 8 s here:
+
+| recipe before this pass | without | lr 1e-4, 64 windows |
+|---|---|---|
+| svd-10 (uniform ranks, closed-form refits) | 69.23 (1.619×) | 62.43 (1.460×) |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+import numpy as np
+import onnx_ir as ir
+
+from compiler.errors import UserError
+from passes._weights import set_weight
+from passes.base import register_pass
+from passes.distill import DistillParams, DistillPass, Student
+
+
+@dataclasses.dataclass
+class TuneLowRankParams(DistillParams):
+    pass_name: ClassVar[str] = "tune_lowrank"
+    lr: float = 1e-4  # Adam step relative to each factor's rms
+    eval_every: int = 16
+
+
+@register_pass
+class TuneLowRankPass(DistillPass):
+    """Dense low-rank factors W₁, W₂ → minimizers of the KL to the input model's next-token distribution."""
+
+    name = "tune_lowrank"
+    Params = TuneLowRankParams
+    description = "dense low-rank factors tuned end to end (KL to the input model's logits); ranks fixed"
+
+    def requires(self, model: ir.Model) -> None:
+        super().requires(model)
+        low_rank = [lin for lin in self.ctx.structure(model).linears() if lin.kind == "low-rank"]
+        if not low_rank:
+            raise UserError("tune_lowrank: the graph has no low-rank layers; run the svd pass before tune_lowrank")
+        if all(lin.bits for lin in low_rank):
+            raise UserError("tune_lowrank: every low-rank factor is already quantized; run tune_lowrank before int4 (tune_scales tunes QMatMuls)")
+
+    @staticmethod
+    def _factors(student: Student) -> list:
+        return [part for lin in student.linears if lin.kind == "low-rank" for part in lin.parts if part.dense is not None]
+
+    def param_groups(self, student: Student) -> list[dict]:
+        groups = []
+        for f in self._factors(student):
+            if len(list(f.weight_value.uses())) != 1:
+                raise UserError(f"tune_lowrank: {f.layer}'s factor {f.weight_value.name} is shared by several nodes")
+            rms = float(f.dense.pow(2).mean().sqrt())
+            if not np.isfinite(rms) or rms == 0:
+                continue  # an all-zero factor has no direction to scale a step by; it stays as it is
+            f.dense.requires_grad_(True)
+            groups.append({"params": [f.dense], "lr": self.params.lr * rms})
+        return groups
+
+    def write(self, model: ir.Model, student: Student) -> None:
+        for f in self._factors(student):
+            if not f.dense.requires_grad:
+                continue
+            W = f.dense.detach().numpy()
+            if not np.all(np.isfinite(W)):
+                raise UserError(f"tune_lowrank: non-finite factor for {f.layer}; lower lr")
+            set_weight(model, f.weight_value.name, W)
+
+    def summary(self, student: Student) -> tuple[str, dict]:
+        trained = [f for f in self._factors(student) if f.dense.requires_grad]
+        fields = {"tuned_factors": len(trained), "tuned_parameters": int(sum(f.dense.numel() for f in trained))}
+        return f"{len(trained)} low-rank factors", fields
