@@ -165,7 +165,7 @@ everything upstream, including earlier layers of the same block, is already comp
 compressed block costs one block forward in total. Memory: the block's tapped activations for all
 calibration tokens, original and compressed (≈ 0.5 GB for SmolLM2 at 32×512), plus O(K²) sums.
 Cost: about one forward of the original and one of the compressed decoder over the calibration
-set, plus the Gram products and one SVD per layer. The record's `cpu_seconds` splits it (svd-20,
+set, plus the Gram products and one SVD per layer. The pass's last log line splits it (svd-20,
 32 windows, shared machine): block forwards ~180 s, statistics products ~155 s (both linear in the
 windows), fits ~100 s (fixed). Hence: Gram matrices as (D^½X̃)ᵀ(D^½X̃) (BLAS syrk, half a GEMM),
 down's X̃ᵀ(X·W) and X̃ᵀ(R − R̃) as one product X̃ᵀ(X·W + R − R̃), one Cholesky per stage, the
@@ -1200,21 +1200,21 @@ class SvdPass(CompilerPass):
             residual_target=p.residual_target, damp=p.damp, act_bits=p.act_bits, token_weights=p.token_weights,
             output_metric=list(p.output_metric),
             params_before=before, params_after=after,
-            removed_fraction=round(1 - after / before, 6), factorized=len(todo), seconds=round(seconds, 1),
-            cpu_seconds={k: round(v, 1) for k, v in self._cpu.items()},
+            removed_fraction=round(1 - after / before, 6), factorized=len(todo),
             layers=rows,
-        )
+        )  # no timings here: the same inputs and seed give byte-identical files
         ctx.log(
             f"{len(todo)} of {len(layers)} layers factorized; parameters {_fmt_params(before)} → "
-            f"{_fmt_params(after)} ({100 * (1 - after / before):.1f} % removed) in {seconds:.0f} s"
+            f"{_fmt_params(after)} ({100 * (1 - after / before):.1f} % removed) in {seconds:.0f} s; CPU seconds "
+            + ", ".join(f"{k} {v:.0f}" for k, v in self._cpu.items())
         )
         return ir.passes.PassResult(model, True)
 
     # -- helpers -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _phase(self, name: str):
-        """Adds the process CPU time (all threads) spent inside to self._cpu[name] (the record's
-        cpu_seconds: where the pass's cost goes: block forwards, statistics products, fits)."""
+        """Adds the process CPU time (all threads) spent inside to self._cpu[name] (logged at the
+        end: where the pass's cost goes: block forwards, statistics products, fits)."""
         if not hasattr(self, "_cpu"):
             self._cpu = {}
         t0 = time.process_time()
