@@ -382,7 +382,7 @@ class DistillPass(CompilerPass):
         rng = self.ctx.rng(self.name)
         best = {"val_kl": float("inf"), "values": None}
 
-        def checkpoint(step: int, losses: list[float]) -> dict:
+        def checkpoint(step: int, losses: list[float]) -> dict:  # losses: the steps since the last one
             v = float(np.mean([float(kl_from(r, student.logits(w))) for w, r in zip(val, val_ref)]))
             if best["values"] is None or v < best["val_kl"]:  # one copy of the trained tensors, not one per checkpoint
                 best.update(val_kl=v, values=[t.detach().clone() for t in tensors], index=len(history))
@@ -394,7 +394,7 @@ class DistillPass(CompilerPass):
         step, t0 = 0, time.perf_counter()
         with self.ctx.progress(self.name, total=p.epochs * len(train)) as advance:
             for epoch in range(1, p.epochs + 1):
-                losses = []
+                losses, since = [], 0  # this epoch's training KLs; where the last checkpoint was
                 for i in rng.permutation(len(train)):
                     ref = log_probs(teacher.prefill_logits(train[i]))
                     with torch.enable_grad():
@@ -409,8 +409,9 @@ class DistillPass(CompilerPass):
                     losses.append(float(loss))
                     advance(1, info=f"epoch {epoch} KL {np.mean(losses[-8:]):.4f}")
                     if p.eval_every and step % p.eval_every == 0 and len(losses) < len(train):
-                        history.append(checkpoint(step, losses[-p.eval_every :]))
+                        history.append(checkpoint(step, losses[since:]))
+                        since = len(losses)
                         self.ctx.log(f"step {step}: held-out KL {history[-1]['val_kl']:.5f} ({time.perf_counter() - t0:.0f} s)")
-                history.append(checkpoint(step, losses))
+                history.append(checkpoint(step, losses[since:]))
                 self.ctx.log(f"epoch {epoch}: training KL {np.mean(losses):.5f}, held-out KL {history[-1]['val_kl']:.5f}")
         return history, best
