@@ -478,7 +478,7 @@ def block_forward(x, w: dict, cfg: dict, act_bits: int = 16, taps: dict | None =
     w: g1, g2, q, k, v, o, gate, up, down, eps1, eps2; cfg: H, KV, hd, cos, sin. A linear given
     as a tensor W computes fake_quant(X, act_bits)·W (activation quantization on its input, as
     the QMatMul does; once per input shared by several linears); one given as a callable is
-    called on X and owns its input transform (tune_scales' per-node QMatMul models). `taps`
+    called on X and owns its input transform (passes/distill.py's StudentLinear). `taps`
     (optional) receives the four linear inputs before quantization.
     """
     import torch.nn.functional as F

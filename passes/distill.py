@@ -14,9 +14,10 @@ of their nodes — a MatMul is its weight, a QMatMul its dequantized weight with
 transform as the op applies it (Hadamard blocks, TRIP divisions, per-token int8/int4 rounding
 with straight-through gradients); a low-rank layer is its two nodes in a row. Before any step the
 reconstruction is checked against ONNX Runtime on the current graph (activation rounding off on
-both sides; see `check_reconstruction`), so a pass never optimizes a model that is not the one it
-writes. Memory: the student holds every weight in float32 (QMatMuls dequantized, plus their codes)
-and one window's activations for the backward; Adam adds two copies of the trained tensors.
+both sides; see `DistillPass._check_reconstruction`), so a pass never optimizes a model that is
+not the one it writes. Memory: the student holds every weight in float32 (QMatMuls dequantized,
+plus their codes) and one window's activations for the backward; Adam adds two copies of the
+trained tensors and keep-best one more (SmolLM2 svd-10: 6.1 GB peak for the whole compile).
 
 Training (`DistillPass`): Adam over the trained tensors, one window per step, windows disjoint;
 held-out windows (disjoint from the training ones) are scored before the first step and at every
@@ -134,10 +135,6 @@ class StudentLinear:
         self.parts = [NodeLinear(model, node_by_name(model, n), lin.name, pass_name) for n in (lin.nodes or [lin.node])]
         if self.parts[0].q is None and self.parts[0].dense.shape[0] != lin.K:
             raise UserError(f"{pass_name}: {lin.name}'s weight has {self.parts[0].dense.shape[0]} rows, expected {lin.K}; re-export the model")
-
-    @property
-    def act_bits(self) -> list[int]:
-        return [p.act_bits for p in self.parts]
 
     def __call__(self, x):
         for part in self.parts:

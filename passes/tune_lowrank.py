@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 from typing import ClassVar
+
 import numpy as np
 import onnx_ir as ir
 

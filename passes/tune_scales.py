@@ -16,7 +16,7 @@ including both factors of a low-rank pair that the int4 pass quantized (svd → 
 The scales are parametrized relatively, s = s₀ · (1 + δ) with δ = 0 at the start, so one Adam
 learning rate fits layers of any magnitude; an all-zero block (s₀ = 0) stays zero. Held-out windows
 of the calibration text (disjoint from the training windows) are scored before training and after
-every epoch and the best scales are written — possibly the int4 pass's own — so the pass never
+every epoch (and every `eval_every` steps when set) and the best scales are written — possibly the int4 pass's own — so the pass never
 raises the held-out KL. The idea is EfficientQAT's end-to-end training of quantization parameters
 (Chen et al. 2024) with the labels replaced by the reference model's distribution.
 
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 from typing import ClassVar
+
 import numpy as np
 import onnx_ir as ir
 
