@@ -237,9 +237,10 @@ class DistillParams:
 
 
 class DistillPass(CompilerPass):
-    """Base of the distillation passes. A subclass has Params derived from DistillParams and implements `param_groups(student)` (the Adam groups of trained
-    tensors, each marked requires_grad), `write(model, student)` (the trained values into the
-    graph's initializers) and `summary(student)`; it extends `requires` with what it needs."""
+    """Base of the distillation passes. A subclass has Params derived from DistillParams and
+    implements `param_groups(student)` (the Adam groups of trained tensors, each marked
+    requires_grad), `write(model, student)` (the trained values into the graph's initializers)
+    and `summary(student)`; it extends `requires` with what it needs."""
 
     def param_groups(self, student: Student) -> list[dict]:  # pragma: no cover - abstract
         raise NotImplementedError
