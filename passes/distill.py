@@ -42,7 +42,7 @@ from passes._weights import get_weight, node_by_name
 from passes.base import CompilerPass
 
 # Largest mean KL(ONNX Runtime ‖ torch) per token, in nats, accepted between the graph and its torch
-# reconstruction with float activations (see check_reconstruction). Measured ~1e-8 on SmolLM2
+# reconstruction with float activations (see DistillPass._check_reconstruction). Measured ~1e-8 on SmolLM2
 # and the tiny test models; a structural mismatch (an attention or norm variant the student does
 # not model) shows as 0.1 or more.
 RECONSTRUCTION_TOLERANCE = 1e-4

@@ -25,9 +25,9 @@ takes about 8 s here:
 | svd-40 (the same settings) | 129.56 (3.030×) | 103.09 (2.411×) |
 
 On svd-10 the held-out KL falls 0.462 → 0.425 → 0.418 → 0.411 → 0.408 at steps 0, 16, 32, 48, 64,
-and lr 3e-4 gives the same 0.409 at step 64: the gain is bounded by the 32k training tokens, not
-by the step size (lr 1e-3 raised it, 0.51 at step 32). The training KL of each window, measured
-before its step, does not fall (0.50–0.55): windows differ more than the factors improve. On
+and lr 3e-4 gives the same 0.409 at step 64 (lr 1e-3 raised it, 0.51 at step 32): a larger step
+does not move the plateau, so more training windows are the likely lever (not measured). The
+training KL of each window, measured before its step, does not fall (0.50–0.55). On
 svd-40 (63.6 M trained parameters) it falls 1.225 → 1.083 → 1.039 → 1.000 → 0.977, still going
 down at step 64.
 """

@@ -37,12 +37,13 @@ def _initializers(directory) -> dict:
 
 
 def _factor_names(directory) -> set[str]:
-    meta = json.loads((directory / "llmfold.json").read_text())
+    """Initializer names of the low-rank factors, from the structure recorded in llmfold.json."""
     import onnx_ir as ir
 
+    meta = json.loads((directory / "llmfold.json").read_text())
     model = ir.load(str(directory / "model.onnx"))
-    low_rank = {n for lin in meta["structure"]["blocks"] for r in ("q", "k", "v", "o", "gate", "up", "down")
-                if lin[r]["kind"] == "low-rank" for n in lin[r]["nodes"]}  # fmt: skip
+    low_rank = {n for block in meta["structure"]["blocks"] for r in ("q", "k", "v", "o", "gate", "up", "down")
+                if block[r]["kind"] == "low-rank" for n in block[r]["nodes"]}  # fmt: skip
     return {node.inputs[1].name for node in model.graph if node.name in low_rank}
 
 
