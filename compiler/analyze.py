@@ -168,6 +168,20 @@ def match_linear(node: ir.Node) -> _LinearMatch | None:
     return first
 
 
+LOGITS_TO_KEEP = "logits_to_keep"  # graph input of passes/logits.py
+
+
+def logits_slice_of(value: ir.Value) -> ir.Node | None:
+    """The logits_to_keep Slice reading `value`, if there is one."""
+    for use in value.uses():
+        node = use.node
+        if is_onnx_op(node, "Slice") and use.idx == 0 and len(node.inputs) >= 2 and node.inputs[1] is not None:
+            neg = node.inputs[1].producer()
+            if neg is not None and is_onnx_op(neg, "Neg") and neg.inputs[0] is not None and neg.inputs[0].name == LOGITS_TO_KEEP:
+                return node
+    return None
+
+
 def linears_reading(value: ir.Value) -> list[_LinearMatch]:
     out = []
     for use in value.uses():
@@ -633,7 +647,8 @@ def analyze(model: ir.Model) -> ModelStructure:
         att = an.attention(index, h)
         if att is None:
             # final norm → lm_head
-            head = [m for m in linears_reading(h) if m.output.is_graph_output()]
+            sl = logits_slice_of(h)  # passes/logits.py: lm_head may read the last rows only
+            head = [m for m in linears_reading(sl.outputs[0] if sl is not None else h) if m.output.is_graph_output()]
             if len(head) == 1:
                 final_norm = norm
                 lm_head = head[0].to_linear("lm_head", None, "lm_head")

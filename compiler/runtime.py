@@ -70,6 +70,9 @@ def session_options(threads: int | None = None, custom_ops: bool = False):
             so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # errors only: ORT warns on every load that an input with a default (logits_to_keep,
+    # passes/logits.py) is not a constant, which is the point of it
+    so.log_severity_level = 3
     return so
 
 
@@ -247,6 +250,8 @@ class LanguageModel:
             hf = _genai_as_hf_config(Path(self.dir.path) / "genai_config.json")
         self.hf_config = hf
         self.layout = KVLayout.from_session(self.session, kv_dims(self.config, hf))
+        # passes/logits.py: an input with a default; 1 = lm_head on the last position only
+        self.keeps_logits = any(i.name == "logits_to_keep" for i in self.session.get_overridable_initializers())
         self.shared_kv = self._supports_shared_kv()
         self._tokenizer = None
         self.max_positions = int(self.config.get("max_position_embeddings") or hf.get("max_position_embeddings") or 1 << 30)
@@ -323,6 +328,18 @@ class LanguageModel:
         mask = next_attention_mask(None, ids.shape[1], self.kv_cache)
         return self.session.run(["logits"], self.feeds(ids, mask))[0][0]
 
+    def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, dict]:
+        """What generation runs first: the last position's logits [V] and the KV cache of one
+        sequence from an empty cache (lm_head on that position only when the model has
+        `logits_to_keep`)."""
+        ids = np.asarray(ids, np.int64).reshape(1, -1)
+        return self._run_ortvalues(ids, next_attention_mask(None, ids.shape[1], self.kv_cache), self._empty_past(), 0)
+
+    def _empty_past(self) -> dict:
+        import onnxruntime as ort
+
+        return {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.layout.empty_past(1).items()}
+
     # -- KV-cached decoding with OrtValues ----------------------------------------------------
     def _run_ortvalues(self, ids: np.ndarray, mask: np.ndarray, past: dict, position_start: int):
         import onnxruntime as ort
@@ -330,6 +347,8 @@ class LanguageModel:
         feeds = {}
         for name, arr in self.feeds(ids, mask, past={}, position_start=position_start).items():
             feeds[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
+        if self.keeps_logits:  # only the last row is read below
+            feeds["logits_to_keep"] = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
         feeds.update(past)
         names = ["logits"] + [n for pair in self.layout.present for n in pair]
         outs = self.session.run_with_ort_values(names, feeds)
@@ -395,7 +414,7 @@ class LanguageModel:
 
         prompt_ids = np.asarray(prompt_ids, np.int64).reshape(1, -1)
         eos_ids = eos_ids or set()
-        past = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.layout.empty_past(1).items()}
+        past = self._empty_past()
         mask = next_attention_mask(None, prompt_ids.shape[1], self.kv_cache)
         t0 = time.perf_counter()
         logits, past = self._run_ortvalues(prompt_ids, mask, past, 0)
@@ -534,14 +553,16 @@ def evaluate(
 
 def measure_speed(lm: LanguageModel, ids: np.ndarray, prefill_len: int = 512, prompt_len: int = 16, steps: int = 64, runs: int = 3) -> dict:
     """prefill_tok_s = P / median(prefill seconds) over `runs` after one warm-up, P = min(512,
-    max positions); decode_tok_s = 1 / median(step seconds) over `steps` greedy cached steps."""
+    max positions), a prefill being what generation runs first (`LanguageModel.prefill`: the
+    cache and the last position's logits); decode_tok_s = 1 / median(step seconds) over `steps`
+    greedy cached steps."""
     P = min(prefill_len, lm.max_positions)
     pool = np.resize(np.asarray(ids, np.int64), max(P, prompt_len))  # repeats a short text
-    lm.prefill_logits(pool[:P])  # warm-up
+    lm.prefill(pool[:P])  # warm-up
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        lm.prefill_logits(pool[:P])
+        lm.prefill(pool[:P])
         times.append(time.perf_counter() - t0)
     steps = max(1, min(steps, lm.max_positions - prompt_len))
     lm.greedy(pool[:prompt_len], 4)  # warm-up of the cached path

@@ -4,8 +4,9 @@
 
 Single benchmark runs on a shared or throttling machine swing by ±15 %; alternating the models
 round by round exposes them to the same conditions, and the median of the per-round ratios
-(each against the last directory) is what to compare. Prefill: one 512-token prompt; decode: the
-median step time of 32 greedy steps after a 16-token prompt.
+(each against the last directory) is what to compare. Prefill: one 512-token prompt as generation
+runs it (`LanguageModel.prefill`: the cache and the last position's logits); decode: the median
+step time of 32 greedy steps after a 16-token prompt.
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ def main(argv=None) -> int:
     prompt = np.random.default_rng(0).integers(100, 40000, 512)
     short = prompt[:16]
     for s in sessions:  # warm-up: first-run allocations and thread start-up
-        s.prefill_logits(prompt)
+        s.prefill(prompt)
         s.greedy(short, 4)
     prefill = [[] for _ in sessions]
     decode = [[] for _ in sessions]
     for _ in range(args.rounds):
         for i, s in enumerate(sessions):
             t0 = time.perf_counter()
-            s.prefill_logits(prompt)
+            s.prefill(prompt)
             prefill[i].append(len(prompt) / (time.perf_counter() - t0))
             decode[i].append(1.0 / float(np.median(s.greedy(short, 33)["step_s"])))
     for name, rows in (("prefill", prefill), ("decode", decode)):

@@ -24,7 +24,8 @@ CALIB = "[calibration]\nwindows = 4\nseq_len = 64\n\n"
 INT4 = '[[pass]]\nname = "int4"\nalgorithm = "rtn"\nblock_size = 32\n'
 RECIPES = {
     "w4a16": (INT4 + "symmetric = true\nact_bits = 16\n", 16),
-    "w4a8": (INT4 + "symmetric = false\nact_bits = 8\n", 8),  # zero points
+    # zero points; lm_head of the prefill on the last position only unless --logits
+    "w4a8": (INT4 + "symmetric = false\nact_bits = 8\n" + '[[pass]]\nname = "logits_to_keep"\n', 8),
     "w4a4": (CALIB + INT4 + "symmetric = true\nact_bits = 4\ntrip = true\n", 4),  # channel shifts
     # SVD-LLM low-rank pairs (fp32 MatMuls) and Agile-Quant token pruning (TokenPrune op, per-layer
     # KV cache). Composed with int4 they do not compile yet (structure analysis does not recognize
@@ -62,7 +63,7 @@ def build_sample(arch: str) -> Path:
 @dataclass
 class SampleRun:
     tokens: list[int]
-    logits: np.ndarray  # [S + steps, V]: prefill rows, then one row per decode step
+    logits: np.ndarray | None  # [S + steps, V]: prefill rows, then one row per decode step
     kernel_path: str | None
     stderr: str
 
@@ -77,11 +78,14 @@ def run_sample(
     libdir: Path | None = None,
     kernels: str | None = None,
     timeout: int = 900,
+    dump_logits: bool = True,
 ) -> SampleRun:
-    """Runs llmfold_generate (natively, or under qemu with `cpu`) and returns its tokens, logits and
-    the kernel path it reported."""
+    """Runs llmfold_generate (natively, or under qemu with `cpu`) and returns its tokens, logits
+    (None without `dump_logits`) and the kernel path it reported."""
     dump = Path(os.environ.get("TMPDIR", "/tmp")) / f"llmfold-sample-{os.getpid()}-{abs(hash((str(model), cpu)))}.f32"
-    args = [str(exe), str(model), "--ids", " ".join(map(str, prompt)), "--max-new-tokens", str(new_tokens), "--logits", str(dump)]
+    args = [str(exe), str(model), "--ids", " ".join(map(str, prompt)), "--max-new-tokens", str(new_tokens)]
+    if dump_logits:
+        args += ["--logits", str(dump)]
     if decode_ids is not None:
         args += ["--decode-ids", " ".join(map(str, decode_ids))]
     if cpu is not None:
@@ -93,15 +97,17 @@ def run_sample(
     try:
         r = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
         assert r.returncode == 0, f"{' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr[-3000:]}"
-        raw = np.fromfile(dump, np.float32)
+        raw = np.fromfile(dump, np.float32) if dump_logits else None
     finally:
         dump.unlink(missing_ok=True)
     tokens = [int(t) for t in r.stdout.split()]
+    m = re.search(r"kernel path: QMatMul=(\S+)", r.stderr)
+    if raw is None:
+        return SampleRun(tokens, None, m.group(1) if m else None, r.stderr)
     # rows: the prefill's (all prompt tokens, or the kept ones of a token-pruned model) + one per step
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     assert raw.size % vocab == 0, (raw.size, vocab)
     rows = raw.size // vocab
-    m = re.search(r"kernel path: QMatMul=(\S+)", r.stderr)
     return SampleRun(tokens, raw.reshape(rows, -1), m.group(1) if m else None, r.stderr)
 
 

@@ -65,6 +65,10 @@ def test_sample_w4a8_onnx_and_ort(sample_x86, tiny_w4a8_mobile):
     assert "model.ort" in b.stderr and "model.onnx" in a.stderr
     assert a.tokens == tokens == b.tokens
     np.testing.assert_array_equal(a.logits, b.logits)
+    # without --logits the prefill feeds logits_to_keep = 1 (the recipe's last pass): same tokens
+    c = run_sample(sample_x86, mobile_dir, PROMPT, NEW, dump_logits=False)
+    assert c.tokens == tokens and "logits of the last position only" in c.stderr
+    assert "last position" not in b.stderr
     np.testing.assert_allclose(a.logits[: len(PROMPT)], prefill, rtol=0, atol=1e-4)
     assert a.kernel_path in {"avx2", "avx512vnni", "ref"}
     forced = run_sample(sample_x86, mobile_dir, PROMPT, NEW, kernels="ref", decode_ids=a.tokens[:-1])

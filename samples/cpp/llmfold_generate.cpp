@@ -12,8 +12,9 @@
 // each decode step's [V] as raw float32, in order.
 //
 // Graph I/O (llmfold / onnxruntime-genai names): input_ids [1,S] int64, attention_mask [1,total]
-// int64, optional position_ids [1,S], past_key_values.{i}.key/value [1,kv_heads,past_i,head_dim]
-// -> logits [1,S,V], present.{i}.key/value. Each layer's present is fed back as its past, so
+// int64, optional position_ids [1,S], past_key_values.{i}.key/value [1,kv_heads,past_i,head_dim],
+// optional logits_to_keep [1] (fed 1 unless --logits) -> logits [1,S,V] (last rows only with
+// logits_to_keep), present.{i}.key/value. Each layer's present is fed back as its past, so
 // layers may hold caches of different lengths (token-pruned models); the mask grows by one per
 // token either way.
 //
@@ -182,6 +183,13 @@ int main(int argc, char** argv) {
       kv.push_back(e);
     }
     const bool has_mask = inputs.count("attention_mask") > 0, has_pos = inputs.count("position_ids") > 0;
+    // logits_to_keep (an input with a default, passes/logits.py): 1 = lm_head on the last position
+    // only, which is all generation reads; --logits wants every prefill row
+    bool keep_last = false;
+    for (size_t i = 0; i < session.GetOverridableInitializerCount(); ++i)
+      if (std::string(session.GetOverridableInitializerNameAllocated(i, alloc).get()) == "logits_to_keep")
+        keep_last = args.logits_path.empty();
+    int64_t keep_one = 1, keep_shape[1] = {1};
 
     std::vector<std::string> out_names{"logits"};
     for (const auto& e : kv) { out_names.push_back(e.present_k); out_names.push_back(e.present_v); }
@@ -224,6 +232,10 @@ int main(int argc, char** argv) {
       if (has_pos) {
         in_names.push_back("position_ids");
         in_vals.push_back(Ort::Value::CreateTensor<int64_t>(mem, pos.data(), pos.size(), ids_shape, 2));
+      }
+      if (keep_last) {
+        in_names.push_back("logits_to_keep");
+        in_vals.push_back(Ort::Value::CreateTensor<int64_t>(mem, &keep_one, 1, keep_shape, 1));
       }
       for (size_t l = 0; l < kv.size(); ++l) {
         in_names.push_back(kv[l].past_k.c_str());
@@ -270,8 +282,8 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "model: %s (%zu layers)\n", model_path.c_str(), kv.size());
       std::fprintf(stderr, "kernel path: QMatMul=%s (every QMatMul node in this process); TokenPrune=scalar selection\n",
                    llmfold::active_kernels().name);
-      std::fprintf(stderr, "prefill: %zu tokens in %.3f s (%.1f tok/s)\n", args.ids.size(), prefill_s,
-                   prefill_s > 0 ? args.ids.size() / prefill_s : 0.0);
+      std::fprintf(stderr, "prefill: %zu tokens in %.3f s (%.1f tok/s)%s\n", args.ids.size(), prefill_s,
+                   prefill_s > 0 ? args.ids.size() / prefill_s : 0.0, keep_last ? ", logits of the last position only" : "");
       if (decode_steps)
         std::fprintf(stderr, "decode: %d tokens in %.3f s (%.1f tok/s)\n", decode_steps, decode_s, decode_steps / decode_s);
     }
