@@ -21,7 +21,10 @@ Columns:
                same windows; llama.cpp: its logits for the same token ids (same vocabulary).
   ratio        perplexity / ours fp32
   size         bytes on disk of the model files (model.onnx + external data; the .gguf)
-  prefill      tokens/s of one 512-token prefill (median of 3 after a warm-up)
+  prefill      tokens/s of one 512-token prefill as generation runs it (median of 3 after a
+               warm-up): ours `LanguageModel.prefill` (the KV cache and the last position's
+               logits; lm_head on that position only in models with `logits_to_keep`), genai's
+               Generator.append_tokens, llama.cpp's eval
   decode       tokens/s of KV-cached greedy steps (median of 64 steps after a 16-token prompt)
 Ours are timed with llmfold's runtime (ORT + custom op library), genai with onnxruntime_genai's
 Generator (its own runtime), llama.cpp with llama-cpp-python's eval. Our compiled directories
@@ -275,6 +278,10 @@ def llama_cpp_measure(gguf: Path, wins: list[np.ndarray], ids: np.ndarray, threa
         logits = np.asarray(llm.scores[:T], np.float32)
         nll, n = window_nll(logits, win)
         total, count = total + nll, count + n
+    # speed as generation runs: logits of the last position of each eval only
+    del llm
+    llm = Llama(model_path=str(gguf), n_ctx=max(T, PREFILL_LEN, PROMPT_LEN + DECODE_STEPS + 8), n_batch=PREFILL_LEN,
+                n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
     pool = [int(t) for t in np.resize(ids, PREFILL_LEN)]
     times = []
     for run in range(RUNS + 1):

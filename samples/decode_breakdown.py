@@ -1,13 +1,14 @@
-"""Where a decode step's time goes: the whole step against its QMatMuls alone and the read bandwidth.
+"""Where a decode step's time goes: the whole step against its linear nodes alone and the read bandwidth.
 
-    python samples/decode_breakdown.py COMPILED_DIR [--threads 2] [--rounds 5]
+    python samples/decode_breakdown.py MODEL_DIR [--threads 2] [--rounds 5]
 
-Builds one ONNX graph holding every QMatMul node of the compiled model with its own packed
-initializers, each fed a random activation row (M = 1, as in decode), and times it next to a real
+Builds one ONNX graph holding every linear node of the model — QMatMul with its packed
+initializers, and MatMul reading an initializer (fp32 layers, both factors of low-rank pairs,
+lm_head) — each fed a random activation row (M = 1, as in decode), and times it next to a real
 KV-cached decode step of the model (llmfold's runtime, median of 64 steps after a 16-token prompt)
 and ORT's ReduceSum over 256 MB (the machine's read bandwidth). Rounds alternate the three, so they
-see the same conditions; medians over rounds are printed. The weights of all the QMatMuls together
-exceed the last-level cache on a small machine, so "QMatMuls alone" is the weight stream, and
+see the same conditions; medians over rounds are printed. The weights of all the linears together
+exceed the last-level cache on a small machine, so "linears alone" is the weight stream, and
 bytes / time against the read bandwidth says whether decode is bound by memory.
 """
 
@@ -23,8 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def qmatmul_stack(model_dir: Path):
-    """(ModelProto with only the QMatMul nodes, input feeds, packed bytes)."""
+def linear_stack(model_dir: Path):
+    """(ModelProto with only the linear nodes, input feeds, weight bytes, QMatMul count, MatMul count)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -32,13 +33,17 @@ def qmatmul_stack(model_dir: Path):
 
     m = onnx.load(str(model_dir / "model.onnx"))  # external data loaded
     inits = {i.name: i for i in m.graph.initializer}
-    nodes, used, inputs, outputs, feeds, nbytes = [], {}, [], [], {}, 0
+    nodes, used, inputs, outputs, feeds, nbytes, kinds = [], {}, [], [], {}, 0, {"QMatMul": 0, "MatMul": 0}
     rng = np.random.default_rng(0)
     for n in m.graph.node:
-        if n.op_type != "QMatMul" or n.domain != co.DOMAIN:
+        if n.op_type == "QMatMul" and n.domain == co.DOMAIN:
+            K = next(a.i for a in n.attribute if a.name == "K")
+            N = next(a.i for a in n.attribute if a.name == "N")
+        elif n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and n.input[1] in inits and len(inits[n.input[1]].dims) == 2:
+            K, N = inits[n.input[1]].dims
+        else:
             continue
-        K = next(a.i for a in n.attribute if a.name == "K")
-        N = next(a.i for a in n.attribute if a.name == "N")
+        kinds[n.op_type] += 1
         x = f"x{len(nodes)}"
         inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, K]))
         feeds[x] = rng.standard_normal((1, K)).astype(np.float32)
@@ -51,26 +56,26 @@ def qmatmul_stack(model_dir: Path):
         for name in n.input[1:]:
             if name and name not in used:
                 if name not in inits:
-                    raise SystemExit(f"{n.name}: input {name} is not an initializer; not a compiled llmfold model?")
+                    raise SystemExit(f"{n.name}: input {name} is not an initializer; not a model written by llmfold?")
                 used[name] = inits[name]
                 nbytes += len(inits[name].raw_data) or onnx.numpy_helper.to_array(inits[name]).nbytes
         nodes.append(node)
     if not nodes:
-        raise SystemExit(f"{model_dir}: no QMatMul node; compile the model with an int4 recipe first")
-    g = helper.make_graph(nodes, "qmatmuls", inputs, outputs, list(used.values()))
+        raise SystemExit(f"{model_dir}: no linear node (QMatMul, or MatMul with an initializer weight)")
+    g = helper.make_graph(nodes, "linears", inputs, outputs, list(used.values()))
     stack = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(co.DOMAIN, 1)])
     stack.ir_version = 10
-    return stack, feeds, nbytes, len(nodes)
+    return stack, feeds, nbytes, kinds["QMatMul"], kinds["MatMul"]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("dir", type=Path, help="a compiled model directory (int4 recipes)")
+    ap.add_argument("dir", type=Path, help="a model directory (export or compile output)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
     if not (args.dir / "model.onnx").is_file():
-        print(f"error: {args.dir} has no model.onnx; pass a directory written by `llmfold compile`", file=sys.stderr)
+        print(f"error: {args.dir} has no model.onnx; pass a directory written by `llmfold export` or `llmfold compile`", file=sys.stderr)
         return 2
 
     import onnxruntime as ort
@@ -79,7 +84,7 @@ def main(argv=None) -> int:
     from compiler.bench_kernels import read_bandwidth_gb_s
     from compiler.runtime import open_session
 
-    stack, feeds, nbytes, count = qmatmul_stack(args.dir)
+    stack, feeds, nbytes, n_q, n_mm = linear_stack(args.dir)
     so = co.make_session_options(args.threads)
     sess = ort.InferenceSession(stack.SerializeToString(), so, providers=["CPUExecutionProvider"])
     binding = sess.io_binding()
@@ -105,7 +110,8 @@ def main(argv=None) -> int:
     s, d, b = (float(np.median(v)) for v in (stack_ms, step_ms, bw))
     print(f"{args.dir}: {args.threads} threads, {args.rounds} rounds (medians)")
     print(f"  decode step            {d:8.3f} ms   ({1e3 / d:.1f} tok/s)")
-    print(f"  its {count} QMatMuls alone {s:8.3f} ms   ({nbytes / 1e6:.1f} MB of packed weights: {nbytes / s / 1e6:.1f} GB/s)")
+    print(f"  its linears alone      {s:8.3f} ms   ({n_q} QMatMul + {n_mm} MatMul nodes, {nbytes / 1e6:.1f} MB of weights: "
+          f"{nbytes / s / 1e6:.1f} GB/s)")
     print(f"  everything else        {d - s:8.3f} ms")
     print(f"  read bandwidth         {b:8.1f} GB/s  (ReduceSum over 256 MB)")
     return 0

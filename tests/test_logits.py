@@ -57,11 +57,15 @@ def test_analysis_sees_through_the_slice_and_passes_remove_it(tiny_fused_dir, tm
     assert [v.name for v in model.graph.inputs] == [v.name for v in ir.load(tiny_fused_dir / "model.onnx").graph.inputs]
     assert not {"logits_to_keep", "/logits_to_keep/ends", "/logits_to_keep/axes"} & set(model.graph.initializers)
     assert analyze(model).lm_head.input == plain.lm_head.input
-    # a pass after it works on the plain graph: int4 after logits_to_keep = int4 alone, bit for bit
-    after = compile_recipe_text(tiny_fused_dir, tmp_path, "after", KEEP + INT4)
+    # a pass after it works on the plain graph: int4 after logits_to_keep = int4 alone, bit for
+    # bit, in one recipe or compiling a compiled directory again
     alone = compile_recipe_text(tiny_fused_dir, tmp_path, "alone", INT4)
-    assert (after / "model.onnx.data").read_bytes() == (alone / "model.onnx.data").read_bytes()
-    assert "Slice" not in [n.op_type for n in ir.load(after / "model.onnx").graph]
+    after = compile_recipe_text(tiny_fused_dir, tmp_path, "after", KEEP + INT4)
+    again = compile_recipe_text(compile_recipe_text(tiny_fused_dir, tmp_path, "kept", KEEP), tmp_path, "again", INT4)
+    for out in (after, again):
+        assert (out / "model.onnx.data").read_bytes() == (alone / "model.onnx.data").read_bytes()
+        graph = ir.load(out / "model.onnx").graph
+        assert "Slice" not in [n.op_type for n in graph] and "logits_to_keep" not in [v.name for v in graph.inputs]
 
 
 def test_an_input_without_its_slice_is_refused(tiny_fused_dir):
@@ -72,3 +76,16 @@ def test_an_input_without_its_slice_is_refused(tiny_fused_dir):
     head.replace_input_with(0, sl.inputs[0])  # someone rewired lm_head by hand
     with pytest.raises(UserError, match="no logits_to_keep Slice in front of lm_head"):
         drop_logits_slice(model.graph)
+
+
+def test_logits_not_written_by_a_linear_are_refused(tiny_fused_dir):
+    model = ir.load(tiny_fused_dir / "model.onnx")
+    logits = next(v for v in model.graph.outputs if v.name == "logits")
+    ident = ir.Node("", "Identity", [logits])  # e.g. a Cast to fp16 after lm_head
+    model.graph.append(ident)
+    idx = model.graph.outputs.index(logits)
+    logits.name = "lm_head_out"
+    model.graph.outputs[idx] = ident.outputs[0]
+    ident.outputs[0].name = "logits"
+    with pytest.raises(UserError, match="no `logits` output written by an lm_head MatMul or QMatMul"):
+        insert_logits_slice(model.graph)
