@@ -3,7 +3,9 @@
 
 Graph I/O: inputs `input_ids` [B,S] int64, `attention_mask` [B,total] int64, optionally
 `position_ids` [B,S] int64, `past_key_values.{i}.key/value` [B,kv_heads,past_i,head_dim];
-outputs `logits` [B,S,V] and `present.{i}.key/value` [B,kv_heads,total_i,head_dim].
+outputs `logits` [B,S,V] and `present.{i}.key/value` [B,kv_heads,total_i,head_dim]. Compiled
+models may have the input `logits_to_keep` [1] int64 with a default of 0 (every row;
+passes/logits.py): generation feeds 1 and gets the last row only.
 
 The decode loop never assumes that layers hold equally long caches: each layer's present is
 fed back as that layer's past (as OrtValues, without a copy through numpy), and the attention
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -50,6 +53,17 @@ _ORT_DTYPES = {
 # --------------------------------------------------------------------------------------------
 # sessions
 # --------------------------------------------------------------------------------------------
+# ONNX Runtime 1.31's CPU GroupQueryAttention takes a tiled online-softmax ("flash") path for
+# prompts of more than one token unless this variable is set. On the 2-core AVX2 machine the
+# materialized path it replaces is faster: SmolLM2 prefill of 512 tokens 1365 vs 1058 tok/s
+# (w4a8) and 874 vs 747 (fp32 export), 1024 tokens 1153 vs 815, decode 298 vs 272 tok/s; logits
+# agree to 4e-4 in fp32. ORT reads it when a session builds its kernels, so importing this module
+# sets it (unless the user did); it holds for the whole process, including onnxruntime-genai
+# sessions created in it. Set it to 0 to get ORT's default back.
+GQA_FLASH_ENV = "ORT_GQA_DISABLE_FLASH_ATTENTION"
+os.environ.setdefault(GQA_FLASH_ENV, "1")
+
+
 def session_options(threads: int | None = None, custom_ops: bool = False):
     """ORT SessionOptions: intra-op threads = `threads` (ORT's default when None), inter-op 1,
     and llmfold's custom op library registered when `custom_ops` is true."""

@@ -27,7 +27,10 @@ Columns:
                Generator.append_tokens, llama.cpp's eval
   decode       tokens/s of KV-cached greedy steps (median of 64 steps after a 16-token prompt)
 Ours are timed with llmfold's runtime (ORT + custom op library), genai with onnxruntime_genai's
-Generator (its own runtime), llama.cpp with llama-cpp-python's eval. Our compiled directories
+Generator (its own runtime), llama.cpp with llama-cpp-python's eval. Importing llmfold's runtime
+sets ORT_GQA_DISABLE_FLASH_ATTENTION=1 for the process (compiler/runtime.py, GQA_FLASH_ENV: ORT's
+tiled attention is slower here), so genai's models run GroupQueryAttention the same way as ours
+in this benchmark; out of the box genai uses the tiled path. Our compiled directories
 carry a genai_config.json too, so they are also timed through onnxruntime_genai's Generator —
 the same generator loop as genai's own models — in the columns "genai-loop prefill/decode"
 (not for token-pruned models: genai keeps one KV length for every layer).

@@ -144,6 +144,9 @@ int main(int argc, char** argv) {
   Ort::InitApi(api);
 
   try {
+    // ORT 1.31's tiled CPU GroupQueryAttention prefill is slower than the path it replaced on the
+    // machines measured (compiler/runtime.py, GQA_FLASH_ENV); a value the user set is kept
+    setenv("ORT_GQA_DISABLE_FLASH_ATTENTION", "1", 0);
     Ort::Env env(ORT_LOGGING_LEVEL_ERROR, "llmfold_generate");
     Ort::SessionOptions so;
     so.SetIntraOpNumThreads(args.threads);
