@@ -109,7 +109,7 @@ def test_aarch64_mobile_ort_model(samples, tiny_models, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_w4a8_decode_on_aarch64(samples, smollm2_dir, tmp_path_factory):
+def test_smollm2_w4a8_decode_on_aarch64(samples, smollm2_dir, tmp_path_factory, monkeypatch):
     """SmolLM2-135M, int4 RTN weights with zero points and per-token int8 activations (no smoothing,
     tests/sample_helpers.py's "w4a8"): the greedy decode
     gives the same tokens on x86-64 and on both emulated ARM cores, and the prompt's logits stay
@@ -126,6 +126,11 @@ def test_smollm2_w4a8_decode_on_aarch64(samples, smollm2_dir, tmp_path_factory):
     up to 2.2 (-cpu max) and 2.6 (cortex-a72) of max |logit| 28.5. Decode steps are printed."""
     if importlib.util.find_spec("passes.int4") is None:
         pytest.skip("passes/int4.py is not there yet")
+    # The first greedy token here is a near-tie (25.06 vs 24.98 on x86 with ORT's materialized
+    # attention, which llmfold selects: compiler/runtime.py GQA_FLASH_ENV); the ISAs' last-ulp
+    # differences flip it (x86 905, aarch64 1345). With ORT's default tiled attention the margin is
+    # wider and both agree, so this ISA comparison pins that path on both sides.
+    monkeypatch.setenv("ORT_GQA_DISABLE_FLASH_ATTENTION", "0")
     model = compile_recipe(smollm2_dir, tmp_path_factory.mktemp("smollm2_arm"), "w4a8")
     prompt = [1, 504, 3458, 282, 253, 1345, 28]  # bos + six in-vocabulary ids
     new = 4
