@@ -57,9 +57,10 @@ _ORT_DTYPES = {
 # prompts of more than one token unless this variable is set. On a 2-vCPU Intel Xeon VM
 # (AVX-512) the materialized path it replaces is faster: SmolLM2 prefill of 512 tokens 1365 vs
 # 1058 tok/s (w4a8) and 874 vs 747 (fp32 export), 1024 tokens 1153 vs 815, decode 298 vs 272
-# tok/s; logits agree to 4e-4 in fp32 (not measured on an AVX2-only machine). ORT reads it when a session builds its kernels, so importing this module
-# sets it (unless the user did); it holds for the whole process, including onnxruntime-genai
-# sessions created in it. Set it to 0 to get ORT's default back.
+# tok/s; logits agree to 4e-4 in fp32 (not measured on an AVX2-only machine). ORT reads it when
+# a session builds its kernels, so importing this module sets it (unless the user did); it holds
+# for the whole process, including onnxruntime-genai sessions created in it. Set it to 0 to get
+# ORT's default back.
 GQA_FLASH_ENV = "ORT_GQA_DISABLE_FLASH_ATTENTION"
 os.environ.setdefault(GQA_FLASH_ENV, "1")
 
