@@ -265,8 +265,13 @@ class LanguageModel:
             hf = _genai_as_hf_config(Path(self.dir.path) / "genai_config.json")
         self.hf_config = hf
         self.layout = KVLayout.from_session(self.session, kv_dims(self.config, hf))
-        # passes/logits.py: an input with a default; 1 = lm_head on the last position only
-        self.keeps_logits = any(i.name == "logits_to_keep" for i in self.session.get_overridable_initializers())
+        # passes/logits.py: an input with a default; 1 = lm_head on the last position only. One
+        # OrtValue for every call (the per-layer-cache decode feeds it at each step).
+        self._keep_last = None
+        if any(i.name == "logits_to_keep" for i in self.session.get_overridable_initializers()):
+            import onnxruntime as ort
+
+            self._keep_last = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
         self.shared_kv = self._supports_shared_kv()
         self._tokenizer = None
         self.max_positions = int(self.config.get("max_position_embeddings") or hf.get("max_position_embeddings") or 1 << 30)
@@ -290,6 +295,11 @@ class LanguageModel:
             except (OSError, json.JSONDecodeError, KeyError, TypeError):
                 return False
         return False
+
+    @property
+    def keeps_logits(self) -> bool:
+        """Whether the model has the `logits_to_keep` input (generation then feeds 1)."""
+        return self._keep_last is not None
 
     @property
     def tokenizer(self):
@@ -362,8 +372,8 @@ class LanguageModel:
         feeds = {}
         for name, arr in self.feeds(ids, mask, past={}, position_start=position_start).items():
             feeds[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
-        if self.keeps_logits:  # only the last row is read below
-            feeds["logits_to_keep"] = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.int64))
+        if self._keep_last is not None:  # only the last row is read below
+            feeds["logits_to_keep"] = self._keep_last
         feeds.update(past)
         names = ["logits"] + [n for pair in self.layout.present for n in pair]
         outs = self.session.run_with_ort_values(names, feeds)

@@ -29,6 +29,12 @@ from compiler.errors import UserError
 from passes.base import CompilerPass, register_pass
 
 _SLICE_NAME = "/logits_to_keep/Slice"
+_ENDS, _AXES = "/logits_to_keep/ends", "/logits_to_keep/axes"  # the Slice's constant inputs
+
+
+def _int64_value(name: str, values: list[int]) -> ir.Value:
+    return ir.Value(name=name, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([len(values)]),
+                    const_value=ir.tensor(np.array(values, np.int64), name=name))
 
 
 def _lm_head_input(graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
@@ -46,12 +52,8 @@ def insert_logits_slice(graph: ir.Graph) -> bool:
     if any(v.name == LOGITS_TO_KEEP for v in graph.inputs):
         return False
     h, logits = _lm_head_input(graph)
-    keep = ir.Value(name=LOGITS_TO_KEEP, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1]),
-                    const_value=ir.tensor(np.zeros(1, np.int64), name=LOGITS_TO_KEEP))
-    ends = ir.Value(name="/logits_to_keep/ends", const_value=ir.tensor(np.array([np.iinfo(np.int64).max]), name="/logits_to_keep/ends"))
-    axes = ir.Value(name="/logits_to_keep/axes", const_value=ir.tensor(np.array([1], np.int64), name="/logits_to_keep/axes"))
-    for v in (ends, axes):
-        v.type, v.shape = ir.TensorType(ir.DataType.INT64), ir.Shape([1])
+    keep = _int64_value(LOGITS_TO_KEEP, [0])
+    ends, axes = _int64_value(_ENDS, [np.iinfo(np.int64).max]), _int64_value(_AXES, [1])
     neg = ir.Node("", "Neg", [keep], name="/logits_to_keep/Neg")
     sl = ir.Node("", "Slice", [h, neg.outputs[0], ends, axes], name=_SLICE_NAME)
     neg.outputs[0].name = "/logits_to_keep/Neg/output_0"
@@ -84,7 +86,7 @@ def drop_logits_slice(graph: ir.Graph) -> bool:
     logits.producer().replace_input_with(0, sl.inputs[0])
     graph.remove([sl, neg], safe=True)
     graph.inputs.remove(keep)
-    for name in (LOGITS_TO_KEEP, "/logits_to_keep/ends", "/logits_to_keep/axes"):
+    for name in (LOGITS_TO_KEEP, _ENDS, _AXES):
         graph.initializers.pop(name, None)
     if logits.shape is not None and len(logits.shape) == 3:
         logits.shape = ir.Shape([logits.shape[0], "sequence_length", logits.shape[2]])

@@ -272,8 +272,12 @@ def llama_cpp_measure(gguf: Path, wins: list[np.ndarray], ids: np.ndarray, threa
     from llama_cpp import Llama
 
     T = len(wins[0])
-    llm = Llama(model_path=str(gguf), n_ctx=max(T, PREFILL_LEN, PROMPT_LEN + DECODE_STEPS + 8), n_batch=PREFILL_LEN,
-                n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
+
+    def open_llama(logits_all: bool):
+        return Llama(model_path=str(gguf), n_ctx=max(T, PREFILL_LEN, PROMPT_LEN + DECODE_STEPS + 8), n_batch=PREFILL_LEN,
+                     n_threads=threads, n_threads_batch=threads, logits_all=logits_all, verbose=False)
+
+    llm = open_llama(logits_all=True)
     total, count = 0.0, 0
     for win in wins:
         llm.reset()
@@ -283,8 +287,7 @@ def llama_cpp_measure(gguf: Path, wins: list[np.ndarray], ids: np.ndarray, threa
         total, count = total + nll, count + n
     # speed as generation runs: logits of the last position of each eval only
     del llm
-    llm = Llama(model_path=str(gguf), n_ctx=max(T, PREFILL_LEN, PROMPT_LEN + DECODE_STEPS + 8), n_batch=PREFILL_LEN,
-                n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+    llm = open_llama(logits_all=False)
     pool = [int(t) for t in np.resize(ids, PREFILL_LEN)]
     times = []
     for run in range(RUNS + 1):
