@@ -33,11 +33,10 @@ T* scratch(std::vector<T>& v, size_t n) {
 }
 
 // ---- Integer activations -------------------------------------------------------------------
-// Few rows (M <= 3, decode): stream the packed weights once, T tiles side by side so that 2·R·T
-// vpdpbusd chains are independent (one tile alone is latency bound: 2 chains). Nibbles are
-// isolated with one AND each: the high one stays multiplied by 16 (v & 0xF0), its chain sums
-// 16·Σq·a exactly and is shifted right by 4 at the block's end (exact: every term is a multiple
-// of 16; |sum| <= 240·127·256 < 2^31).
+// Few rows (M <= 3, decode): stream the packed weights once (int_stream). Nibbles are isolated
+// with one AND each: the high one stays multiplied by 16 (v & 0xF0), its chains sum 16·Σq·a
+// exactly and are shifted right by 4 at the block's end (exact: every term is a multiple of 16;
+// |sum| <= 240·127·256 < 2^31).
 struct IntArgs {
   const QuantizedRows* A;
   const PackedInt4* W;
@@ -57,72 +56,62 @@ inline void store_row(float* c, const float* bias, __mmask16 mk, __m512 facc, fl
   _mm512_mask_storeu_ps(c, mk, _mm512_add_ps(_mm512_mul_ps(facc, _mm512_set1_ps(rs)), bv));
 }
 
-constexpr int64_t kPrefetchBytes = 4096;
+// Software prefetch distance: decode reads every layer from DRAM, where the hardware
+// prefetchers alone leave time on the table (576x1536 from DRAM, one row: 22-23 us with none,
+// 14-15 us at 4 KB, 17-18 us at 1 KB, 13-14 us at 16 KB, which costs 15-20 % with the weights in
+// L2 or L3).
+constexpr int64_t kStreamAhead = 4096;
 
-template <int R, int T>
-void int_stream(const IntArgs& p, int64_t t0) {
+// Few rows (decode): tile after tile, which is the weights' memory order, so the read is one
+// sequential stream (several tiles side by side were as fast in L2 and slower from DRAM); two
+// groups at a time into separate accumulators (4 independent chains per row).
+template <int R>
+void int_stream(const IntArgs& p, int64_t tb, int64_t te) {
   const QuantizedRows& A = *p.A;
   const PackedInt4& W = *p.W;
   const int64_t Kp = W.Kp(), nb = W.n_blocks, gpb = W.block_size / kGroupK, tstride = (Kp / kGroupK) * 64;
-  const uint8_t* td = W.data + t0 * tstride;
   const __m512i m_lo = _mm512_set1_epi8(0x0F), m_hi = _mm512_set1_epi8(static_cast<char>(0xF0));
-  __m512 facc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < T; ++j) facc[r][j] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    __m512i alo[R][T], ahi[R][T];
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < T; ++j) alo[r][j] = ahi[r][j] = _mm512_setzero_si512();
-    for (int64_t g = b * gpb; g < (b + 1) * gpb; ++g) {
-      __m512i xl[R], xh[R];
-      for (int r = 0; r < R; ++r) {
-        const int8_t* ar = A.q + r * Kp + g * kGroupK;
-        xl[r] = _mm512_set1_epi32(load_i32(ar));
-        xh[r] = _mm512_set1_epi32(load_i32(ar + 4));
-      }
-      for (int j = 0; j < T; ++j) {
-        const uint8_t* src = td + j * tstride + g * 64;
-        _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes), _MM_HINT_T0);
-        const __m512i v = _mm512_loadu_si512(src);
-        const __m512i lo = _mm512_and_si512(v, m_lo), hi = _mm512_and_si512(v, m_hi);
+  for (int64_t t = tb; t < te; ++t) {
+    const uint8_t* td = W.data + t * tstride;
+    __m512 facc[R];
+    for (int r = 0; r < R; ++r) facc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      __m512i l0[R], h0[R], l1[R], h1[R];
+      for (int r = 0; r < R; ++r) l0[r] = h0[r] = l1[r] = h1[r] = _mm512_setzero_si512();
+      for (int64_t g = b * gpb; g < (b + 1) * gpb; g += 2) {  // gpb >= 2 (block >= 16)
+        _mm_prefetch(reinterpret_cast<const char*>(td + g * 64 + kStreamAhead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(td + g * 64 + 64 + kStreamAhead), _MM_HINT_T0);
+        const __m512i v0 = _mm512_loadu_si512(td + g * 64), v1 = _mm512_loadu_si512(td + g * 64 + 64);
+        const __m512i lo0 = _mm512_and_si512(v0, m_lo), hi0 = _mm512_and_si512(v0, m_hi);
+        const __m512i lo1 = _mm512_and_si512(v1, m_lo), hi1 = _mm512_and_si512(v1, m_hi);
         for (int r = 0; r < R; ++r) {
-          alo[r][j] = _mm512_dpbusd_epi32(alo[r][j], lo, xl[r]);
-          ahi[r][j] = _mm512_dpbusd_epi32(ahi[r][j], hi, xh[r]);
+          const int8_t* ar = A.q + r * Kp + g * kGroupK;
+          l0[r] = _mm512_dpbusd_epi32(l0[r], lo0, _mm512_set1_epi32(load_i32(ar)));
+          h0[r] = _mm512_dpbusd_epi32(h0[r], hi0, _mm512_set1_epi32(load_i32(ar + 4)));
+          l1[r] = _mm512_dpbusd_epi32(l1[r], lo1, _mm512_set1_epi32(load_i32(ar + 8)));
+          h1[r] = _mm512_dpbusd_epi32(h1[r], hi1, _mm512_set1_epi32(load_i32(ar + 12)));
         }
       }
-    }
-    for (int j = 0; j < T; ++j) {
-      const int64_t sidx = ((t0 + j) * nb + b) * kTileN;
+      const int64_t sidx = (t * nb + b) * kTileN;
+      _mm_prefetch(reinterpret_cast<const char*>(W.scales + sidx + kStreamAhead / 8), _MM_HINT_T0);
       const __m512i z = zp_epi32(W, sidx);
-      if (p.dots) {
-        const int64_t Np = W.n_tiles * kTileN;
-        for (int r = 0; r < R; ++r)
-          _mm512_storeu_si512(p.dots + (r * nb + b) * Np + (t0 + j) * kTileN,
-                              _mm512_add_epi32(alo[r][j], _mm512_srai_epi32(ahi[r][j], 4)));
-        continue;
-      }
       const __m512 sw = _mm512_loadu_ps(W.scales + sidx);
       for (int r = 0; r < R; ++r) {
-        const __m512i d = _mm512_sub_epi32(_mm512_add_epi32(alo[r][j], _mm512_srai_epi32(ahi[r][j], 4)),
-                                           _mm512_mullo_epi32(z, _mm512_set1_epi32(A.block_sum[r * nb + b])));
-        facc[r][j] = _mm512_fmadd_ps(sw, _mm512_cvtepi32_ps(d), facc[r][j]);
+        const __m512i d = _mm512_add_epi32(_mm512_add_epi32(l0[r], l1[r]),
+                                           _mm512_srai_epi32(_mm512_add_epi32(h0[r], h1[r]), 4));
+        if (p.dots) {
+          _mm512_storeu_si512(p.dots + (r * nb + b) * W.n_tiles * kTileN + t * kTileN, d);
+          continue;
+        }
+        const __m512i zs = _mm512_mullo_epi32(z, _mm512_set1_epi32(A.block_sum[r * nb + b]));
+        facc[r] = _mm512_fmadd_ps(sw, _mm512_cvtepi32_ps(_mm512_sub_epi32(d, zs)), facc[r]);
       }
     }
+    if (p.dots) continue;
+    const int64_t n0 = t * kTileN;
+    for (int r = 0; r < R; ++r)
+      store_row(p.C + r * p.ldc + n0, p.bias ? p.bias + n0 : nullptr, col_mask(W.N - n0), facc[r], A.scale[r]);
   }
-  if (p.dots) return;
-  for (int j = 0; j < T; ++j) {
-    const int64_t n0 = (t0 + j) * kTileN;
-    const __mmask16 mk = col_mask(W.N - n0);
-    for (int r = 0; r < R; ++r) store_row(p.C + r * p.ldc + n0, p.bias ? p.bias + n0 : nullptr, mk, facc[r][j], A.scale[r]);
-  }
-}
-
-template <int R>
-void int_stream_tiles(const IntArgs& p, int64_t tb, int64_t te) {
-  constexpr int T = R == 1 ? 4 : 2;
-  int64_t t = tb;
-  for (; t + T <= te; t += T) int_stream<R, T>(p, t);
-  for (; t < te; ++t) int_stream<R, 1>(p, t);
 }
 
 // Many rows (M >= 4): a blocked GEMM. Per pair of tiles and K chunk (whole blocks, <= 512 k) the
@@ -137,8 +126,8 @@ constexpr int kIntTiles = 2;
 constexpr int kIntRows = 6;
 
 struct IntChunk {
-  const int8_t* w;      // [group][tile][2][64]: q - zp of the low / high nibble planes
-  const int32_t* neg;   // [block][tile][16]: -128 * Σ (q - zp) over the block
+  int8_t* w;            // [group][tile][2][64]: q - zp of the low / high nibble planes
+  int32_t* neg;         // [block][tile][16]: -128 * Σ (q - zp) over the block
   int64_t b0, nblk, gpb;
 };
 
@@ -174,7 +163,7 @@ void int_strip(const IntArgs& p, const uint8_t* au, int64_t m0, int64_t t0, cons
   __m512 f[R][T];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < T; ++j) f[r][j] = _mm512_loadu_ps(facc + (r * T + j) * kTileN);
-  const uint8_t* arow = au + m0 * Kp;  // [group][R][8]
+  const uint8_t* arow = au + m0 * Kp;
   for (int64_t bi = 0; bi < ch.nblk; ++bi) {
     const int64_t b = ch.b0 + bi;
     __m512i acc[R][T];
@@ -188,7 +177,7 @@ void int_strip(const IntArgs& p, const uint8_t* au, int64_t m0, int64_t t0, cons
         __m512i wv[T];
         for (int j = 0; j < T; ++j) wv[j] = _mm512_loadu_si512(wg + j * 128 + h * 64);
         for (int r = 0; r < R; ++r) {
-          const __m512i x = _mm512_set1_epi32(load_i32(arow + (g * R + r) * kGroupK + 4 * h));
+          const __m512i x = _mm512_set1_epi32(load_i32(arow + r * Kp + g * kGroupK + 4 * h));
           for (int j = 0; j < T; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], x, wv[j]);
         }
       }
@@ -232,23 +221,41 @@ thread_local std::vector<int32_t> t_neg;
 thread_local std::vector<uint8_t> t_au8;
 thread_local std::vector<float> t_facc;
 
+// T tiles from t0: K chunk by K chunk, unpack then every strip of rows; then the epilogue.
+template <int T>
+void int_tile_group(const IntArgs& p, const uint8_t* au, int64_t M, int64_t t0, IntChunk ch, float* facc) {
+  const QuantizedRows& A = *p.A;
+  const PackedInt4& W = *p.W;
+  const int64_t nb = W.n_blocks, Kp = W.Kp();
+  const int64_t n_chunks = (Kp + kIntChunkK - 1) / kIntChunkK, bpc = (nb + n_chunks - 1) / n_chunks;
+  std::fill(facc, facc + M * T * kTileN, 0.0f);
+  for (int64_t b0 = 0; b0 < nb; b0 += bpc) {
+    const int64_t b1 = std::min(nb, b0 + bpc);
+    ch.b0 = b0;
+    ch.nblk = b1 - b0;
+    unpack_centered<T>(W, t0, b0, b1, ch.w, ch.neg);
+    int_strips<T>(p, au, M, t0, ch, facc);
+  }
+  if (p.dots) return;
+  for (int j = 0; j < T; ++j) {
+    const int64_t n0 = (t0 + j) * kTileN;
+    const __mmask16 mk = col_mask(W.N - n0);
+    for (int64_t m = 0; m < M; ++m)
+      store_row(p.C + m * p.ldc + n0, p.bias ? p.bias + n0 : nullptr, mk, _mm512_loadu_ps(facc + (m * T + j) * kTileN),
+                A.scale[m]);
+  }
+}
+
 void int_gemm_rows(const IntArgs& p, int64_t M, int64_t tile_begin, int64_t tile_end) {
   const QuantizedRows& A = *p.A;
   const PackedInt4& W = *p.W;
   const int64_t Kp = W.Kp(), nb = W.n_blocks, gpb = W.block_size / kGroupK;
-  // u8 activations a + 128 for the whole call, interleaved per strip of rows as [group][row][8]
-  // so that a strip's broadcasts read one sequential stream (rows Kp apart share L1 sets).
+  // u8 activations a + 128 for the whole call
   uint8_t* au = scratch(t_au8, static_cast<size_t>(M * Kp));
-  const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
-  for (int64_t m0 = 0; m0 < M; m0 += kIntRows) {
-    const int64_t R = std::min<int64_t>(kIntRows, M - m0);
-    for (int64_t r = 0; r < R; ++r) {
-      const int8_t* src = A.q + (m0 + r) * Kp;
-      uint8_t* dst = au + m0 * Kp + r * kGroupK;
-      for (int64_t g = 0; g < Kp / kGroupK; ++g)
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + g * R * kGroupK),
-                         _mm_xor_si128(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + g * kGroupK)), flip));
-    }
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t i = 0; i < M * Kp; i += 64) {
+    const __mmask64 mk = M * Kp - i >= 64 ? ~__mmask64(0) : (__mmask64(1) << (M * Kp - i)) - 1;
+    _mm512_mask_storeu_epi8(au + i, mk, _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, A.q + i), flip));
   }
   // K chunks of whole blocks, <= kIntChunkK k each, split evenly
   const int64_t n_chunks = (Kp + kIntChunkK - 1) / kIntChunkK;
@@ -256,36 +263,22 @@ void int_gemm_rows(const IntArgs& p, int64_t M, int64_t tile_begin, int64_t tile
   int8_t* wbuf = scratch(t_wchunk, static_cast<size_t>(bpc * gpb * kIntTiles * 128));
   int32_t* neg = scratch(t_neg, static_cast<size_t>(bpc * kIntTiles * kTileN));
   float* facc = scratch(t_facc, static_cast<size_t>(M * kIntTiles * kTileN));
-  for (int64_t t0 = tile_begin; t0 < tile_end; t0 += kIntTiles) {
-    const int T = tile_end - t0 >= kIntTiles ? kIntTiles : 1;
-    std::fill(facc, facc + M * T * kTileN, 0.0f);
-    for (int64_t b0 = 0; b0 < nb; b0 += bpc) {
-      const int64_t b1 = std::min(nb, b0 + bpc);
-      const IntChunk ch{wbuf, neg, b0, b1 - b0, gpb};
-      if (T == 2) {
-        unpack_centered<2>(W, t0, b0, b1, wbuf, neg);
-        int_strips<2>(p, au, M, t0, ch, facc);
-      } else {
-        unpack_centered<1>(W, t0, b0, b1, wbuf, neg);
-        int_strips<1>(p, au, M, t0, ch, facc);
-      }
-    }
-    if (p.dots) continue;
-    for (int j = 0; j < T; ++j) {
-      const int64_t n0 = (t0 + j) * kTileN;
-      const __mmask16 mk = col_mask(W.N - n0);
-      for (int64_t m = 0; m < M; ++m)
-        store_row(p.C + m * p.ldc + n0, p.bias ? p.bias + n0 : nullptr, mk,
-                  _mm512_loadu_ps(facc + (m * T + j) * kTileN), A.scale[m]);
-    }
+  const IntChunk ch{wbuf, neg, 0, 0, gpb};
+  int64_t t = tile_begin;
+  for (; t + kIntTiles <= tile_end; t += kIntTiles) int_tile_group<kIntTiles>(p, au, M, t, ch, facc);
+  switch (tile_end - t) {
+    case 3: int_tile_group<3>(p, au, M, t, ch, facc); break;
+    case 2: int_tile_group<2>(p, au, M, t, ch, facc); break;
+    case 1: int_tile_group<1>(p, au, M, t, ch, facc); break;
+    default: break;
   }
 }
 
 void int_driver(const IntArgs& p, int64_t M, int64_t tile_begin, int64_t tile_end) {
   switch (M) {
-    case 1: int_stream_tiles<1>(p, tile_begin, tile_end); return;
-    case 2: int_stream_tiles<2>(p, tile_begin, tile_end); return;
-    case 3: int_stream_tiles<3>(p, tile_begin, tile_end); return;
+    case 1: int_stream<1>(p, tile_begin, tile_end); return;
+    case 2: int_stream<2>(p, tile_begin, tile_end); return;
+    case 3: int_stream<3>(p, tile_begin, tile_end); return;
     default: int_gemm_rows(p, M, tile_begin, tile_end); return;
   }
 }
