@@ -257,8 +257,14 @@ def hadamard_rows_reference(A: np.ndarray, h: int) -> np.ndarray:
 def qmatmul_reference(A: np.ndarray, data: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
                       K: int, N: int, block_size: int, act_bits: int = 16,
                       channel_shift: np.ndarray | None = None, bias: np.ndarray | None = None,
-                      hadamard: int = 0) -> np.ndarray:
-    """QMatMul semantics in numpy. A: float32 [..., K]; returns float32 [..., N]."""
+                      hadamard: int = 0, swiglu: int = 0) -> np.ndarray:
+    """QMatMul semantics in numpy. A: float32 [..., K]; returns float32 [..., N] ([..., N/2] with
+    swiglu: silu(Z[..., :N/2]) * Z[..., N/2:] of the product Z, silu(g) = g / (1 + exp(-g)))."""
+    if swiglu:
+        if N % 2:
+            raise ValueError(f"swiglu needs an even N, got {N}")
+        Z = qmatmul_reference(A, data, scales, zero_points, K, N, block_size, act_bits, channel_shift, bias, hadamard)
+        return swiglu_reference(Z)
     A = np.asarray(A, dtype=np.float32)
     if A.shape[-1] != K:
         raise ValueError(f"A's last dimension {A.shape[-1]} != K={K}")
@@ -294,6 +300,15 @@ def qmatmul_reference(A: np.ndarray, data: np.ndarray, scales: np.ndarray, zero_
         if bias is not None:
             Y = Y + np.asarray(bias, np.float32)
     return Y.astype(np.float32).reshape(*lead, N)
+
+
+def swiglu_reference(Z: np.ndarray) -> np.ndarray:
+    """QMatMul's swiglu epilogue (kernels/ref): g, u = halves of the last axis; g / (1 + exp(-g)) * u in float32."""
+    Z = np.asarray(Z, np.float32)
+    I = Z.shape[-1] // 2
+    g, u = Z[..., :I], Z[..., I:]
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (g / (np.float32(1) + np.exp(-g)) * u).astype(np.float32)
 
 
 KEEP_RATIO_SLACK = 1.0 + 2.0 ** -20  # see token_prune_keep
@@ -418,6 +433,7 @@ def _qmatmul_infer(ctx) -> None:
 
     K, N, bs, act_bits = attr_i("K"), attr_i("N"), attr_i("block_size"), attr_i("act_bits", 16)
     had = attr_i("hadamard", 0)
+    glu = attr_i("swiglu", 0)
     if K is None or N is None or bs is None:
         raise onnx.shape_inference.InferenceError("[llmfold.QMatMul] attributes K, N, block_size are required")
     if bs < 16 or bs > 256 or bs & (bs - 1):
@@ -428,6 +444,8 @@ def _qmatmul_infer(ctx) -> None:
     if K is not None and had != 0 and (had < 2 or had & (had - 1) or K % had):
         raise onnx.shape_inference.InferenceError(
             f"[llmfold.QMatMul] hadamard must be 0 or a power of two >= 2 dividing K={K}, got {had}")
+    if glu not in (0, 1) or (glu and N % 2):
+        raise onnx.shape_inference.InferenceError(f"[llmfold.QMatMul] swiglu must be 0, or 1 with an even N (got swiglu={glu}, N={N})")
     out = onnx.TypeProto()
     out.tensor_type.elem_type = onnx.TensorProto.FLOAT
     a = ctx.get_input_type(0)
@@ -441,7 +459,7 @@ def _qmatmul_infer(ctx) -> None:
         shp = out.tensor_type.shape
         for d in dims[:-1]:
             shp.dim.add().CopyFrom(d)
-        shp.dim.add().dim_value = N
+        shp.dim.add().dim_value = N // 2 if glu else N
     ctx.set_output_type(0, out)
 
 
@@ -505,21 +523,25 @@ def _schemas():
             "layout (custom_ops/README.md). act_bits 16: float activations; 8/4: per-token dynamic symmetric "
             "integer activations. channel_shift: per-input-channel power-of-two divisors (TRIP) applied before "
             "activation quantization. hadamard h > 0: A's rows are first multiplied, per block of h channels, by "
-            "the Sylvester Hadamard matrix of order h (entries +-1; the weights hold H_h/h folded into their rows).",
+            "the Sylvester Hadamard matrix of order h (entries +-1; the weights hold H_h/h folded into their rows). "
+            "swiglu 1: the weights are [gate | up] (N = 2I) and Y[..., j] = silu(Z[..., j]) * Z[..., I + j] for the "
+            "product Z, silu(g) = g / (1 + exp(-g)); Y is [..., I].",
         inputs=[FP("A", "T", "float activations [..., K]"),
                 FP("B", "U", "packed 4-bit weights, n_tiles*Kp/8*64 bytes"),
                 FP("scales", "T", "block scales [n_tiles, n_blocks, 16]"),
                 FP("zero_points", "U", "4-bit zero points [n_tiles, n_blocks, 16]", param_option=opt),
                 FP("bias", "T", "bias [N]", param_option=opt),
                 FP("channel_shift", "U", "shift exponents [K] in 0..15", param_option=opt)],
-        outputs=[FP("Y", "T", "output [..., N]")],
+        outputs=[FP("Y", "T", "output [..., N] ([..., N/2] with swiglu)")],
         type_constraints=[("T", ["tensor(float)"], "float"), ("U", ["tensor(uint8)"], "bytes")],
         attributes=[OS.Attribute("K", OS.AttrType.INT, "input features"),
                     OS.Attribute("N", OS.AttrType.INT, "output features"),
                     OS.Attribute("block_size", OS.AttrType.INT, "weights per scale along K (16..256, power of 2)"),
                     OS.Attribute("act_bits", helper.make_attribute("act_bits", 16), "16, 8 or 4"),
                     OS.Attribute("hadamard", helper.make_attribute("hadamard", 0),
-                                 "0, or the order h (power of two dividing K) of the input Hadamard transform")],
+                                 "0, or the order h (power of two dividing K) of the input Hadamard transform"),
+                    OS.Attribute("swiglu", helper.make_attribute("swiglu", 0),
+                                 "0, or 1: SwiGLU epilogue over [gate | up] (N even, output N/2)")],
     )
     q.set_type_and_shape_inference_function(_qmatmul_infer)
     t = OS(
@@ -573,10 +595,12 @@ def register_schemas() -> None:
 
 
 def make_qmatmul_node(inputs: Sequence[str], output: str, K: int, N: int, block_size: int, act_bits: int = 16,
-                      name: str | None = None, hadamard: int = 0):
+                      name: str | None = None, hadamard: int = 0, swiglu: int = 0):
     """A QMatMul NodeProto (inputs: A, B, scales[, zero_points, bias, channel_shift]; '' skips one)."""
     from onnx import helper
 
     extra = {"hadamard": int(hadamard)} if hadamard else {}
+    if swiglu:
+        extra["swiglu"] = int(swiglu)
     return helper.make_node("QMatMul", list(inputs), [output], name=name, domain=DOMAIN, K=int(K), N=int(N),
                             block_size=int(block_size), act_bits=int(act_bits), **extra)

@@ -51,7 +51,7 @@ def random_weights(rng, K, N, bs, with_zp):
 
 
 def qmatmul_model(K, N, bs, act_bits, packed, bias=None, shift=None, a_shape=None, a_type=TP.FLOAT,
-                  zp_name=True, hadamard=0):
+                  zp_name=True, hadamard=0, swiglu=0):
     inits = [numpy_helper.from_array(packed["data"], "B"), numpy_helper.from_array(packed["scales"], "S")]
     names = ["A", "B", "S"]
     if packed.get("zero_points") is not None and zp_name:
@@ -67,10 +67,11 @@ def qmatmul_model(K, N, bs, act_bits, packed, bias=None, shift=None, a_shape=Non
     if shift is not None:
         inits.append(numpy_helper.from_array(shift, "shift"))
         names.append("shift")
-    node = co.make_qmatmul_node(names, "Y", K, N, bs, act_bits, hadamard=hadamard)
+    node = co.make_qmatmul_node(names, "Y", K, N, bs, act_bits, hadamard=hadamard, swiglu=swiglu)
     a_shape = a_shape or ["M", K]
+    n_out = N // 2 if swiglu else N
     g = helper.make_graph([node], "qmatmul", [helper.make_tensor_value_info("A", a_type, a_shape)],
-                          [helper.make_tensor_value_info("Y", TP.FLOAT, list(a_shape[:-1]) + [N])], inits)
+                          [helper.make_tensor_value_info("Y", TP.FLOAT, list(a_shape[:-1]) + [n_out])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(co.DOMAIN, 1)])
     m.ir_version = 10
     return m
@@ -251,6 +252,48 @@ def test_qmatmul_hadamard_matches_reference(lib, act_bits, M, K, N, bs, h):
     B = np.kron(np.eye(K // h), co.sylvester_hadamard(h))
     assert np.allclose(AH, A.astype(np.float64) @ B, rtol=1e-5, atol=1e-4 * np.sqrt(h))
     assert np.allclose(B @ B, h * np.eye(K))
+
+
+@pytest.mark.parametrize("act_bits", [16, 8, 4])
+@pytest.mark.parametrize("M,K,N,bs", [(1, 64, 32, 32), (3, 100, 2 * 37, 32), (40, 96, 2 * 48, 16)])
+def test_qmatmul_swiglu_matches_reference(lib, act_bits, M, K, N, bs):
+    """swiglu=1: the product of [gate | up] goes through silu(gate)·up inside the op. Equal to the
+    same op without the epilogue followed by numpy's silu·up (the product bit for bit, the
+    epilogue within the kernels' exp accuracy), to the numpy reference, and thread-independent;
+    the schema infers the [.., N/2] output."""
+    rng = np.random.default_rng(M + K + N + act_bits)
+    q, sc, zp = random_weights(rng, K, N, bs, True)
+    p = co.pack_int4_blocks(q, sc, zp, bs)
+    bias = rng.standard_normal(N).astype(np.float32)
+    A = (3 * rng.standard_normal((M, K))).astype(np.float32)
+    m = qmatmul_model(K, N, bs, act_bits, p, bias=bias, swiglu=1)
+    co.register_schemas()
+    onnx.checker.check_model(m, full_check=True)
+    open_shape = type(m)()
+    open_shape.CopyFrom(m)
+    open_shape.graph.output[0].type.tensor_type.ClearField("shape")  # inference must produce it
+    dims = onnx.shape_inference.infer_shapes(open_shape, strict_mode=True).graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["M", N // 2]
+    y = session(m).run(None, {"A": A})[0]
+    assert y.shape == (M, N // 2)
+    assert np.array_equal(y, session(m, threads=2).run(None, {"A": A})[0])
+    z = session(qmatmul_model(K, N, bs, act_bits, p, bias=bias)).run(None, {"A": A})[0]
+    expect = co.swiglu_reference(z)
+    assert np.allclose(y, expect, rtol=1e-6, atol=1e-6 * np.abs(expect).max())
+    r = co.qmatmul_reference(A, p["data"], p["scales"], p["zero_points"], K, N, bs, act_bits, bias=bias, swiglu=1)
+    assert np.allclose(y, r, rtol=1e-4, atol=1e-3 * np.abs(r).max())
+
+
+def test_qmatmul_swiglu_bad_attributes(lib):
+    rng = np.random.default_rng(9)
+    K, N, bs = 64, 33, 32
+    q, sc, zp = random_weights(rng, K, N, bs, False)
+    p = co.pack_int4_blocks(q, sc, zp, bs)
+    co.register_schemas()
+    _expect_error(lambda: session(qmatmul_model(K, N, bs, 8, p, swiglu=1)), "needs an even N")
+    _expect_error(lambda: session(qmatmul_model(K, N, bs, 8, p, swiglu=2)), "swiglu must be 0 or 1")
+    with pytest.raises(Exception, match="swiglu must be 0, or 1 with an even N"):
+        onnx.shape_inference.infer_shapes(qmatmul_model(K, N, bs, 8, p, swiglu=1), strict_mode=True)
 
 
 @pytest.mark.parametrize("act_bits", [16, 8, 4])

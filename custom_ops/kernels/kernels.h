@@ -65,6 +65,12 @@ struct KernelTable {
   // for columns of tiles [tile_begin, tile_end) (n indexes Np). Must equal ref bit for bit.
   void (*int_block_dots)(const QuantizedRows& A, int64_t M, int act_bits, const PackedInt4& W,
                          int64_t tile_begin, int64_t tile_end, int32_t* dots /*[M][n_blocks][Np]*/);
+
+  // SwiGLU of a fused gate|up product (QMatMul's swiglu epilogue), rows [0, M):
+  // Y[m][j] = silu(Z[m][j]) * Z[m][I + j] for j < I, silu(g) = g / (1 + exp(-g)) in float.
+  // Paths evaluate exp with their own polynomial: within 1e-6 relative of ref for finite results,
+  // non-finite where ref is non-finite.
+  void (*swiglu)(const float* Z, int64_t ldz, int64_t M, int64_t I, float* Y, int64_t ldy);
 };
 
 // Chosen once per process from CPU features; LLMFOLD_KERNELS=<name> forces a path (an unknown or

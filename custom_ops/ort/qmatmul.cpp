@@ -41,7 +41,7 @@ constexpr int64_t kStreamTaskBytes = int64_t{64} << 10;
 
 struct QMatMulKernel {
   static constexpr const char* kName = "QMatMul";
-  int64_t K, N, block_size, act_bits, hadamard, n_blocks, n_tiles, Kp;
+  int64_t K, N, block_size, act_bits, hadamard, swiglu, n_blocks, n_tiles, Kp;
 
   explicit QMatMulKernel(const OrtKernelInfo* raw) {
     Ort::ConstKernelInfo info(raw);
@@ -50,6 +50,7 @@ struct QMatMulKernel {
     block_size = attr_int(info, "block_size", true, 0);
     act_bits = attr_int(info, "act_bits", false, 16);
     hadamard = attr_int(info, "hadamard", false, 0);
+    swiglu = attr_int(info, "swiglu", false, 0);
     if (K < 1 || K > (int64_t{1} << 30)) fail("attribute K must be in [1, 2^30], got ", std::to_string(K));
     if (N < 1 || N > (int64_t{1} << 30)) fail("attribute N must be in [1, 2^30], got ", std::to_string(N));
     if (block_size < 16 || block_size > 256 || (block_size & (block_size - 1)))
@@ -59,6 +60,9 @@ struct QMatMulKernel {
     if (hadamard != 0 && (hadamard < 2 || (hadamard & (hadamard - 1)) || K % hadamard))
       fail("attribute hadamard must be 0 (none) or a power of two >= 2 dividing K=", std::to_string(K), ", got ",
            std::to_string(hadamard));
+    if (swiglu != 0 && swiglu != 1) fail("attribute swiglu must be 0 or 1, got ", std::to_string(swiglu));
+    if (swiglu && N % 2)
+      fail("attribute swiglu=1 needs an even N (columns [0, N/2) gate, [N/2, N) up), got N=", std::to_string(N));
     n_blocks = (K + block_size - 1) / block_size;
     n_tiles = (N + kTileN - 1) / kTileN;
     Kp = n_blocks * block_size;
@@ -146,6 +150,19 @@ struct QMatMulKernel {
     const uint8_t* shift;
     QuantizedRows Q;
   };
+  // SwiGLU epilogue over rows: Y[m][j] = silu(Z[m][j]) * Z[m][N/2 + j].
+  struct GluWork {
+    const KernelTable* kt;
+    const float* Z;
+    float* Y;
+    int64_t M, N, rows_per;
+  };
+  static void glu_task(void* p, size_t i) {
+    const GluWork& w = *static_cast<const GluWork*>(p);
+    const int64_t m0 = static_cast<int64_t>(i) * w.rows_per, m1 = std::min(w.M, m0 + w.rows_per);
+    if (m0 < m1) w.kt->swiglu(w.Z + m0 * w.N, w.N, m1 - m0, w.N / 2, w.Y + m0 * (w.N / 2), w.N / 2);
+  }
+
   static void row_task(void* p, size_t i) {
     const RowWork& w = *static_cast<const RowWork*>(p);
     const int64_t m0 = static_cast<int64_t>(i) * w.rows_per, m1 = std::min(w.M, m0 + w.rows_per);
@@ -206,12 +223,18 @@ struct QMatMulKernel {
     }
 
     std::vector<int64_t> yshape(A.shape.begin(), A.shape.end() - 1);
-    yshape.push_back(N);
+    yshape.push_back(swiglu ? N / 2 : N);
     const int64_t M = K ? A.count / K : 0;
     Ort::UnownedValue Yv = ctx.GetOutput(0, yshape);
     if (M == 0) return;
     float* Y = Yv.GetTensorMutableData<float>();
     const float* a = A.data<float>();
+    // swiglu: the product [gate | up] goes to a per-thread buffer, the epilogue writes Y
+    thread_local std::vector<float> glu_in;
+    if (swiglu) {
+      if (glu_in.size() < static_cast<size_t>(M * N)) glu_in.resize(static_cast<size_t>(M * N));
+    }
+    float* C = swiglu ? glu_in.data() : Y;
 
     Work w{};
     w.kt = &active_kernels();
@@ -219,7 +242,7 @@ struct QMatMulKernel {
     w.M = M;
     w.act_bits = act_bits;
     w.bias = bp;
-    w.C = Y;
+    w.C = C;
     w.ldc = N;
 
     // Per-thread buffers reused across calls (no allocation or zero-filling per call; quantize_rows
@@ -296,6 +319,13 @@ struct QMatMulKernel {
     const int64_t tasks = w.row_tasks * w.col_tasks;
     if (tasks == 1) run_task(&w, 0);
     else ctx.ParallelFor(&QMatMulKernel::run_task, static_cast<size_t>(tasks), 0, &w);
+    if (swiglu) {  // O(M·N) after the O(M·K·N) product: row chunks of >= 16 rows
+      GluWork gw{w.kt, C, Y, M, N, 0};
+      const int64_t gtasks = std::max<int64_t>(1, std::min<int64_t>(M / 16, 16));
+      gw.rows_per = (M + gtasks - 1) / gtasks;
+      if (gtasks == 1) glu_task(&gw, 0);
+      else ctx.ParallelFor(&QMatMulKernel::glu_task, static_cast<size_t>(gtasks), 0, &gw);
+    }
   }
 };
 

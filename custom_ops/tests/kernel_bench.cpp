@@ -1,7 +1,9 @@
 // Microbenchmark of the active kernel path without ONNX Runtime (single thread), for tuning.
-// Usage: llmfold_kernel_bench M K N [block_size] [reps] [col_tasks]   -> min / median thread-CPU microseconds
-// per call. col_tasks > 1 splits the column tiles into that many calls, one after the other, as the ORT
-// glue's task grid does with one thread (each call repeats its per-call setup: activation packing).
+// Usage: llmfold_kernel_bench M K N [block_size] [reps] [col_tasks] [copies]   -> min / median thread-CPU
+// microseconds per call. col_tasks > 1 splits the column tiles into that many calls, one after the other, as
+// the ORT glue's task grid does with one thread (each call repeats its per-call setup: activation packing).
+// copies > 1 keeps that many copies of the weights and calls them in turn (a call's weights then come from
+// DRAM when the copies exceed the last-level cache, as in a decode step); times are per call.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -24,15 +26,21 @@ int main(int argc, char** argv) {
   const int64_t bs = argc > 4 ? std::atoll(argv[4]) : 32;
   const int reps = argc > 5 ? std::atoi(argv[5]) : 20;
   const int64_t col_tasks = argc > 6 ? std::max<int64_t>(1, std::atoll(argv[6])) : 1;
+  const int64_t copies = argc > 7 ? std::max<int64_t>(1, std::atoll(argv[7])) : 1;
   const int64_t nb = (K + bs - 1) / bs, Kp = nb * bs, nt = (N + 15) / 16;
   std::mt19937 rng(1);
-  std::vector<uint8_t> data(static_cast<size_t>(nt * Kp / 8 * 64));
+  std::vector<uint8_t> data(static_cast<size_t>(copies * nt * Kp / 8 * 64));
   for (auto& v : data) v = static_cast<uint8_t>(rng());
-  std::vector<float> scales(static_cast<size_t>(nt * nb * 16), 0.01f), A(static_cast<size_t>(M * Kp)),
+  std::vector<float> scales(static_cast<size_t>(copies * nt * nb * 16), 0.01f), A(static_cast<size_t>(M * Kp)),
       C(static_cast<size_t>(M * N));
   std::uniform_real_distribution<float> U(-1, 1);
   for (auto& v : A) v = U(rng);
-  const PackedInt4 W{data.data(), scales.data(), nullptr, K, N, bs, nb, nt};
+  int64_t copy = 0;  // the copy the next call reads
+  auto weights = [&] {
+    const int64_t c = copy;
+    copy = (copy + 1) % copies;
+    return PackedInt4{data.data() + c * nt * Kp / 8 * 64, scales.data() + c * nt * nb * 16, nullptr, K, N, bs, nb, nt};
+  };
   std::vector<int8_t> q(static_cast<size_t>(M * Kp));
   std::vector<float> qs(static_cast<size_t>(M));
   std::vector<int32_t> bsum(static_cast<size_t>(M * nb));
@@ -41,12 +49,13 @@ int main(int argc, char** argv) {
   auto time_it = [&](auto&& fn) {
     std::vector<double> t;
     for (int r = 0; r < reps; ++r) {
-      // Thread CPU time: robust when other processes share the cores.
+      // Thread CPU time: robust when other processes share the cores. With copies, one sample is
+      // one call of each copy in turn (the timer's own cost stays out of the per-call figure).
       timespec a, b;
       clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
-      fn();
+      for (int64_t c = 0; c < copies; ++c) fn();
       clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
-      t.push_back((b.tv_sec - a.tv_sec) * 1e6 + (b.tv_nsec - a.tv_nsec) * 1e-3);
+      t.push_back(((b.tv_sec - a.tv_sec) * 1e6 + (b.tv_nsec - a.tv_nsec) * 1e-3) / copies);
     }
     std::sort(t.begin(), t.end());
     return std::make_pair(t.front(), t[t.size() / 2]);
@@ -55,6 +64,7 @@ int main(int argc, char** argv) {
   for (int bits : {8, 4}) {
     auto r = time_it([&] {
       kt.quantize_rows(A.data(), Kp, K, 0, M, nullptr, bits, Q);
+      const PackedInt4 W = weights();
       for (int64_t t0 = 0; t0 < nt; t0 += (nt + col_tasks - 1) / col_tasks)
         kt.gemm_int(Q, M, bits, W, t0, std::min(nt, t0 + (nt + col_tasks - 1) / col_tasks), nullptr, C.data(), N);
     });
@@ -67,6 +77,7 @@ int main(int argc, char** argv) {
     std::printf("%s quantize_rows M=%lld K=%lld: min %.1f us\n", kt.name, (long long)M, (long long)K, q8.first);
   }
   auto r = time_it([&] {
+    const PackedInt4 W = weights();
     for (int64_t t0 = 0; t0 < nt; t0 += (nt + col_tasks - 1) / col_tasks)
       kt.gemm_a16(A.data(), M, W, t0, std::min(nt, t0 + (nt + col_tasks - 1) / col_tasks), nullptr, C.data(), N);
   });

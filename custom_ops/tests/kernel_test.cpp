@@ -226,6 +226,41 @@ void run_case(const KernelTable& kt, const Case& cs, std::mt19937_64& rng) {
 }
 
 // Reference-level checks of the quantization rule and TokenPrune selection (path independent).
+// swiglu against ref: random rows (odd widths: vector tails), large |g| on both sides of exp's
+// overflow, zeros, NaN/Inf in either half. Within 1e-6 relative where ref is finite (plus an
+// absolute 1e-35·|g·u| for g near -88, where ref's exp is finite but the paths' may reach inf),
+// non-finite exactly where ref is.
+void swiglu_checks(const KernelTable& kt, std::mt19937_64& rng) {
+  std::normal_distribution<float> nd(0.0f, 4.0f);
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  const float specials[] = {0.0f, -0.0f, 1e-30f, -1e-30f, 30.0f, -30.0f, 87.0f, -87.0f, 88.5f, -88.5f, 89.0f,
+                            -89.0f, 100.0f, -100.0f, 1e20f, -1e20f, 3e38f, -3e38f, inf, -inf, nan};
+  for (int64_t I : {1, 7, 8, 9, 33, 1536}) {
+    const int64_t M = 3, ldz = 2 * I + 5, ldy = I + 3;
+    std::vector<float> Z(static_cast<size_t>(M * ldz)), Yr(static_cast<size_t>(M * ldy), -7.0f), Yp = Yr;
+    for (auto& v : Z) v = nd(rng);
+    for (size_t i = 0; i < Z.size(); i += 5) Z[i] = specials[(i / 5) % (sizeof(specials) / sizeof(float))];
+    ref_kernels().swiglu(Z.data(), ldz, M, I, Yr.data(), ldy);
+    kt.swiglu(Z.data(), ldz, M, I, Yp.data(), ldy);
+    int bad = 0;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < ldy; ++j) {
+        const float r = Yr[m * ldy + j], q = Yp[m * ldy + j];
+        bool ok;
+        if (j >= I) ok = q == -7.0f;  // nothing written past the row's I outputs
+        else if (!std::isfinite(r)) ok = !std::isfinite(q);
+        else {
+          const double gu = std::fabs(double(Z[m * ldz + j]) * Z[m * ldz + I + j]);
+          ok = std::isfinite(q) && std::fabs(double(q) - r) <= 1e-6 * std::fabs(r) + 1e-35 * gu + 1e-37;
+        }
+        if (!ok && bad++ < 3)
+          CHECK(false, "%s swiglu I=%lld [%lld,%lld] g=%g u=%g ref=%g path=%g", kt.name, (long long)I, (long long)m,
+                (long long)j, Z[m * ldz + j], j < I ? Z[m * ldz + I + j] : 0.0f, r, q);
+      }
+    CHECK(bad == 0, "%s swiglu I=%lld: %d mismatches", kt.name, (long long)I, bad);
+  }
+}
+
 void spec_checks() {
   // Quantization rule: max maps to +-qmax, rounding half to even, NaN rows, tiny rows.
   {
@@ -414,6 +449,7 @@ int main(int argc, char** argv) {
     if (!only.empty() && only != kt.name) continue;
     const int before = g_failures;
     for (const Case& c : cases) run_case(kt, c, rng);
+    swiglu_checks(kt, rng);
     std::printf("path %s: %s (%zu cases)\n", kt.name, g_failures == before ? "ok" : "FAILED", cases.size());
     ++tested;
   }

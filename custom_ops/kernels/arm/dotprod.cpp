@@ -1,6 +1,6 @@
 // ARMv8.2 dotprod path (sdot, vdotq_laneq_s32); this file alone is compiled with
 // -march=armv8.2-a+dotprod and only runs after dispatch saw HWCAP_ASIMDDP.
-// quantize_rows and gemm_a16 are the v8.0 ones (no dot product involved).
+// quantize_rows, gemm_a16 and swiglu are the v8.0 ones (no dot product involved).
 #include "arm_dot.h"
 #include "../paths.h"
 
@@ -23,7 +23,7 @@ void dotprod_gemm_int(const QuantizedRows& A, int64_t M, int act_bits, const Pac
 
 const KernelTable& dotprod_kernels() {
   static const KernelTable t{"dotprod", arm::neon_quantize_rows, arm::neon_gemm_a16,
-                             arm::dotprod_gemm_int, arm::dotprod_int_block_dots};
+                             arm::dotprod_gemm_int, arm::dotprod_int_block_dots, arm::neon_swiglu};
   return t;
 }
 

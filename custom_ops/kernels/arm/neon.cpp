@@ -384,6 +384,52 @@ void neon_int_block_dots_agile(const QuantizedRows& A, int64_t M, int act_bits,
   neon_int_block_dots<true>(A, M, act_bits, W, t0, t1, dots);
 }
 
+namespace {
+
+// exp(x) for x in [-87, 89] (callers clamp; above 88.72 the result is +inf): x = n·ln2 + r,
+// |r| <= ln2/2 (ln2 split in two parts so that n·ln2 is exact), e^r by its degree-6 Taylor
+// polynomial (relative error < 2e-7 there), times 2^n built in the exponent bits. The same
+// evaluation as the x86 path (kernels/x86/avx2.cpp).
+inline float32x4_t exp_f32(float32x4_t x) {
+  const float32x4_t n = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
+  float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693145751953125f));
+  r = vfmsq_f32(r, n, vdupq_n_f32(1.428606765330187045e-06f));
+  float32x4_t p = vdupq_n_f32(1.0f / 720);
+  p = vfmaq_f32(vdupq_n_f32(1.0f / 120), p, r);
+  p = vfmaq_f32(vdupq_n_f32(1.0f / 24), p, r);
+  p = vfmaq_f32(vdupq_n_f32(1.0f / 6), p, r);
+  p = vfmaq_f32(vdupq_n_f32(0.5f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
+  const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+  return vmulq_f32(p, vreinterpretq_f32_s32(e));
+}
+
+// silu(g)·u = g / (1 + exp(-g)) · u in the ref's order, -g clamped to [-87, 89] (see exp_f32).
+inline float32x4_t swiglu4(float32x4_t g, float32x4_t u) {
+  const float32x4_t x = vminq_f32(vmaxq_f32(vnegq_f32(g), vdupq_n_f32(-87.0f)), vdupq_n_f32(89.0f));
+  return vmulq_f32(vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0f), exp_f32(x))), u);
+}
+
+}  // namespace
+
+void neon_swiglu(const float* Z, int64_t ldz, int64_t M, int64_t I, float* Y, int64_t ldy) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* g = Z + m * ldz;
+    const float* u = g + I;
+    float* y = Y + m * ldy;
+    int64_t j = 0;
+    for (; j + 4 <= I; j += 4) vst1q_f32(y + j, swiglu4(vld1q_f32(g + j), vld1q_f32(u + j)));
+    if (j < I) {  // tail through a padded copy (no read past the row)
+      float gt[4] = {}, ut[4] = {}, yt[4];
+      std::memcpy(gt, g + j, sizeof(float) * (I - j));
+      std::memcpy(ut, u + j, sizeof(float) * (I - j));
+      vst1q_f32(yt, swiglu4(vld1q_f32(gt), vld1q_f32(ut)));
+      std::memcpy(y + j, yt, sizeof(float) * (I - j));
+    }
+  }
+}
+
 }  // namespace arm
 
 // Default A4 variant of the "neon" table, chosen by instructions per MAC of the inner loops
@@ -393,14 +439,14 @@ constexpr bool kNeonA4Agile = false;
 const KernelTable& neon_kernels() {
   static const KernelTable t{"neon", arm::neon_quantize_rows, arm::neon_gemm_a16,
                              arm::neon_gemm_int<kNeonA4Agile>,
-                             arm::neon_int_block_dots<kNeonA4Agile>};
+                             arm::neon_int_block_dots<kNeonA4Agile>, arm::neon_swiglu};
   return t;
 }
 
 const KernelTable& neon_alt_a4_kernels() {
   static const KernelTable t{kNeonA4Agile ? "neon-mull4" : "neon-agile", arm::neon_quantize_rows,
                              arm::neon_gemm_a16, arm::neon_gemm_int<!kNeonA4Agile>,
-                             arm::neon_int_block_dots<!kNeonA4Agile>};
+                             arm::neon_int_block_dots<!kNeonA4Agile>, arm::neon_swiglu};
   return t;
 }
 

@@ -113,10 +113,19 @@ void gemm_int(const QuantizedRows& A, int64_t M, int /*act_bits*/, const PackedI
   }
 }
 
+void swiglu(const float* Z, int64_t ldz, int64_t M, int64_t I, float* Y, int64_t ldy) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < I; ++j) {
+      const float g = Z[m * ldz + j], u = Z[m * ldz + I + j];
+      Y[m * ldy + j] = g / (1.0f + std::exp(-g)) * u;
+    }
+}
+
 }  // namespace ref
 
 const KernelTable& ref_kernels() {
-  static const KernelTable t{"ref", ref::quantize_rows, ref::gemm_a16, ref::gemm_int, ref::int_block_dots};
+  static const KernelTable t{"ref", ref::quantize_rows, ref::gemm_a16, ref::gemm_int, ref::int_block_dots,
+                             ref::swiglu};
   return t;
 }
 

@@ -1152,8 +1152,60 @@ void gemm_a16(const float* A, int64_t M, const PackedInt4& W, int64_t tile_begin
 }  // namespace
 }  // namespace avx2
 
+namespace avx2 {
+namespace {
+
+// exp(x) for x in [-87, 89] (callers clamp; above 88.72 the result is +inf): x = n·ln2 + r, |r| <= ln2/2 (ln2 split in two
+// parts so that n·ln2 is exact), e^r by its degree-6 Taylor polynomial (relative error < 2e-7 on
+// that interval), times 2^n built in the exponent bits.
+inline __m256 exp_ps(__m256 x) {
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// silu(g)·u = g / (1 + exp(-g)) · u in the ref's order. -g is clamped to [-87, 89]: below, 1 + e
+// is 1 anyway; above 88.72 exp overflows to inf (n = 128 gives the inf bit pattern) as the ref's
+// does, so g < -88.72 gives -0 as there. NaN in g passes the clamp as -87 and reaches the quotient.
+inline __m256 swiglu8(__m256 g, __m256 u) {
+  const __m256 x = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(-87.0f)),
+                                 _mm256_set1_ps(89.0f));
+  return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_ps(x))), u);
+}
+
+void swiglu(const float* Z, int64_t ldz, int64_t M, int64_t I, float* Y, int64_t ldy) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* g = Z + m * ldz;
+    const float* u = g + I;
+    float* y = Y + m * ldy;
+    int64_t j = 0;
+    for (; j + 8 <= I; j += 8) _mm256_storeu_ps(y + j, swiglu8(_mm256_loadu_ps(g + j), _mm256_loadu_ps(u + j)));
+    if (j < I) {  // tail through a padded copy (no read past the row)
+      alignas(32) float gt[8] = {}, ut[8] = {}, yt[8];
+      std::memcpy(gt, g + j, sizeof(float) * (I - j));
+      std::memcpy(ut, u + j, sizeof(float) * (I - j));
+      _mm256_store_ps(yt, swiglu8(_mm256_load_ps(gt), _mm256_load_ps(ut)));
+      std::memcpy(y + j, yt, sizeof(float) * (I - j));
+    }
+  }
+}
+
+}  // namespace
+}  // namespace avx2
+
 const KernelTable& avx2_kernels() {
-  static const KernelTable t{"avx2", avx2::quantize_rows, avx2::gemm_a16, avx2::gemm_int, avx2::int_block_dots};
+  static const KernelTable t{"avx2", avx2::quantize_rows, avx2::gemm_a16, avx2::gemm_int, avx2::int_block_dots,
+                             avx2::swiglu};
   return t;
 }
 

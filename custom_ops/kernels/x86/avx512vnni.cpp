@@ -4,7 +4,8 @@
 // plane, the operand order of vpdpbusd (u8 x s8 products summed 4 at a time into int32 lanes,
 // exact, without intermediate saturation): u8 weights x s8 activations for few rows, s8 centered
 // weights x u8 shifted activations for many (see int_gemm_rows).
-// Activation quantization is the AVX2 path's (every CPU with this path also has AVX2; it is O(MK)).
+// Activation quantization and SwiGLU are the AVX2 path's (every CPU with this path also has AVX2;
+// they are O(MK) and O(MN)).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -480,7 +481,7 @@ void gemm_a16(const float* A, int64_t M, const PackedInt4& W, int64_t tile_begin
 
 const KernelTable& avx512vnni_kernels() {
   static const KernelTable t{"avx512vnni", avx2_kernels().quantize_rows, avx512::gemm_a16, avx512::gemm_int,
-                             avx512::int_block_dots};
+                             avx512::int_block_dots, avx2_kernels().swiglu};
   return t;
 }
 
