@@ -17,7 +17,8 @@ a value r, possibly with a pending sublayer output s not yet added (r + s):
                 its columns are [0, H·d), [H·d, (H+KV)·d), [(H+KV)·d, (H+2KV)·d) by the op's
                 definition (recorded in Linear.columns)
     MLP       the two linears reading the post-attention norm: gate is the one entering a SiLU
-              (Sigmoid, or exp(−z) of z / (1 + exp(−z))), up the other; down is the first linear after their product
+              (Sigmoid, or exp(−z) of z / (1 + exp(−z))), up the other; down is the first linear after their product;
+              or one QMatMul with swiglu = 1 (passes/swiglu.py): gate and up are its column ranges [0, N/2), [N/2, N)
     head      the norm not followed by attention is the final norm; the linear reading it whose
               output is a graph output is lm_head
 
@@ -567,6 +568,16 @@ class _Analysis:
     def mlp(self, index: int, h: ir.Value):
         p = f"layers.{index}"
         lins = linears_reading(h)
+        if len(lins) == 1 and lins[0].kind == "int4" and lins[0].node.attributes.get_int("swiglu", 0) == 1:
+            # passes/swiglu.py: one QMatMul over [gate | up] computing silu(gate)·up itself
+            fused, width = lins[0], lins[0].N // 2
+            down = _first_linear_after(fused.output, limit=4)
+            if down is None:
+                self.unrecognized.append(f"{p}: no down projection after {fused.node.name}")
+                return None
+            return (fused.to_linear(f"{p}.gate", index, "gate", columns=(0, width)),
+                    fused.to_linear(f"{p}.up", index, "up", columns=(width, 2 * width)),
+                    down.to_linear(f"{p}.down", index, "down"), down)
         if len(lins) != 2:
             self.unrecognized.append(
                 f"{p}: expected gate and up projections reading {h.name}, found {[m.node.name for m in lins]}")

@@ -10,6 +10,7 @@
     token_prune  Agile-Quant token pruning in the prefill
     pack_qkv     one q/k/v linear per block for GroupQueryAttention's packed input (run last)
     silu_op      SiLU as one QuickGelu node (approximate; for quantized recipes, run last)
+    swiglu_qmatmul  gate/up QMatMuls + SiLU·up as one QMatMul with a SwiGLU epilogue (after silu_op)
     skip_norm    residual add + RMSNorm as one SkipSimplifiedLayerNormalization node (run last)
     logits_to_keep  optional input: lm_head computes the last n positions only (run last)
 """
@@ -20,7 +21,7 @@ import importlib
 
 from passes.base import REGISTRY, CompilerPass, make_params, register_pass
 
-for _module in ("cleanup", "int4", "tune_scales", "svd", "tune_lowrank", "affine", "rotate", "token_prune", "pack", "silu", "skip_norm", "logits"):
+for _module in ("cleanup", "int4", "tune_scales", "svd", "tune_lowrank", "affine", "rotate", "token_prune", "pack", "silu", "swiglu", "skip_norm", "logits"):
     try:
         importlib.import_module(f"passes.{_module}")
     except ModuleNotFoundError as e:  # a method not written yet is simply not registered

@@ -89,15 +89,11 @@ def _why_not(nodes: list[ir.Node], attention: ir.Node) -> str | None:
     return None
 
 
-def _packed_node(model: ir.Model, nodes: list[ir.Node], index: int) -> ir.Node:
-    x = nodes[0].inputs[0]
-    weight_name, node_name = packed_qkv_names(index)  # the export's names; QMatMul's derive from them
-    base, node_base = weight_name.removesuffix(".weight"), node_name.removesuffix("/MatMul")
-    if nodes[0].op_type == "MatMul":
-        W = np.concatenate([_const_inputs(n)[0] for n in nodes], axis=1)
-        return ir.Node("", "MatMul", [x, add_weight(model, f"{base}.weight", W, W.dtype)], name=f"{node_base}/MatMul")
+def concatenated_qmatmul_inputs(model: ir.Model, nodes: list[ir.Node], base: str) -> list[ir.Value | None]:
+    """Inputs of one QMatMul computing the given QMatMuls' columns side by side (same X, attributes,
+    optional inputs and shifts; every width but the last whole tiles): new initializers `base`.*."""
     consts = [_const_inputs(n) + [None] * (len(QMATMUL_INPUTS) - len(n.inputs) + 1) for n in nodes]
-    inputs: list[ir.Value | None] = [x]
+    inputs: list[ir.Value | None] = [nodes[0].inputs[0]]
     for j, suffix in enumerate(QMATMUL_INPUTS):
         arrays = [cs[j] for cs in consts]
         if arrays[0] is None:
@@ -108,6 +104,17 @@ def _packed_node(model: ir.Model, nodes: list[ir.Node], index: int) -> ir.Node:
             inputs.append(add_weight(model, f"{base}.{suffix}", np.concatenate([a.reshape(-1) for a in arrays]), arrays[0].dtype))
     while inputs[-1] is None:
         inputs.pop()
+    return inputs
+
+
+def _packed_node(model: ir.Model, nodes: list[ir.Node], index: int) -> ir.Node:
+    x = nodes[0].inputs[0]
+    weight_name, node_name = packed_qkv_names(index)  # the export's names; QMatMul's derive from them
+    base, node_base = weight_name.removesuffix(".weight"), node_name.removesuffix("/MatMul")
+    if nodes[0].op_type == "MatMul":
+        W = np.concatenate([_const_inputs(n)[0] for n in nodes], axis=1)
+        return ir.Node("", "MatMul", [x, add_weight(model, f"{base}.weight", W, W.dtype)], name=f"{node_base}/MatMul")
+    inputs = concatenated_qmatmul_inputs(model, nodes, base)
     N = sum(n.attributes.get_int("N") for n in nodes)
     attrs = [ir.AttrInt64("N", N)] + [a for k, a in nodes[0].attributes.items() if k != "N"]
     return ir.Node("llmfold", "QMatMul", inputs, attributes=attrs, name=f"{node_base}/QMatMul")

@@ -362,7 +362,7 @@ def test_recipes_and_cascade_ratio():
     (spec,) = [p for p in r.passes if p.name == "token_prune"]
     assert spec.params.start_layer == 10 and spec.params.prune_points() == [(9, 0.7)]
     r8 = load_recipe("prune-30-w4a8")
-    assert [p.name for p in r8.passes] == ["rotate", "token_prune", "int4", "pack_qkv", "skip_norm", "silu_op", "logits_to_keep"] and r8.passes[2].params.act_bits == 8
+    assert [p.name for p in r8.passes] == ["rotate", "token_prune", "int4", "pack_qkv", "skip_norm", "silu_op", "swiglu_qmatmul", "logits_to_keep"] and r8.passes[2].params.act_bits == 8
     from passes.token_prune import TokenPruneParams, keep_count
 
     p = TokenPruneParams(start_layer=3, prune_ratio=0.3, cascade_layers=4)

@@ -1155,9 +1155,9 @@ void gemm_a16(const float* A, int64_t M, const PackedInt4& W, int64_t tile_begin
 namespace avx2 {
 namespace {
 
-// exp(x) for x in [-87, 89] (callers clamp; above 88.72 the result is +inf): x = n·ln2 + r, |r| <= ln2/2 (ln2 split in two
-// parts so that n·ln2 is exact), e^r by its degree-6 Taylor polynomial (relative error < 2e-7 on
-// that interval), times 2^n built in the exponent bits.
+// exp(x) for x in [-80, 89] (callers clamp; above 88.72 the result is +inf): x = n·ln2 + r,
+// |r| <= ln2/2 (ln2 split in two parts so that n·ln2 is exact), e^r by its degree-6 Taylor
+// polynomial (relative error < 2e-7 on that interval), times 2^n built in the exponent bits.
 inline __m256 exp_ps(__m256 x) {
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -1174,11 +1174,13 @@ inline __m256 exp_ps(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-// silu(g)·u = g / (1 + exp(-g)) · u in the ref's order. -g is clamped to [-87, 89]: below, 1 + e
-// is 1 anyway; above 88.72 exp overflows to inf (n = 128 gives the inf bit pattern) as the ref's
-// does, so g < -88.72 gives -0 as there. NaN in g passes the clamp as -87 and reaches the quotient.
+// silu(g)·u = g / (1 + exp(-g)) · u in the ref's order. -g is clamped to [-80, 89]: below, 1 + e
+// is 1 anyway (and near -87 the product p·2^n would be subnormal: arithmetic on it is microcoded,
+// and massive-activation gates reach there; unclamped at -87 a 512-token SmolLM2 MLP took 3x as
+// long); above 88.72 exp overflows to inf (n = 128 gives the inf bit pattern) as the ref's does,
+// so g < -88.72 gives -0 as there. NaN in g passes the clamp as -80 and reaches the quotient.
 inline __m256 swiglu8(__m256 g, __m256 u) {
-  const __m256 x = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(-87.0f)),
+  const __m256 x = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(-80.0f)),
                                  _mm256_set1_ps(89.0f));
   return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_ps(x))), u);
 }
