@@ -58,6 +58,28 @@ def _const_inputs(node: ir.Node, first: int = 1) -> list[np.ndarray | None] | No
     return out
 
 
+def padded_const_inputs(node: ir.Node) -> list[np.ndarray | None] | None:
+    """A QMatMul's constant inputs after A, one slot per QMATMUL_INPUTS (None: absent)."""
+    consts = _const_inputs(node)
+    return None if consts is None else consts + [None] * (len(QMATMUL_INPUTS) - len(consts))
+
+
+def qmatmul_mismatch(nodes: list[ir.Node], what: str) -> str | None:
+    """Why QMatMuls with constant inputs cannot become one QMatMul over their columns side by side
+    (attributes other than N, which optional inputs are present, TRIP shifts), else None."""
+    attrs = [{k: a.value for k, a in n.attributes.items() if k != "N"} for n in nodes]
+    if any(a != attrs[0] for a in attrs[1:]):
+        return f"{what} have different QMatMul attributes"
+    consts = [padded_const_inputs(n) for n in nodes]
+    present = [[c is not None for c in cs] for cs in consts]
+    if any(p != present[0] for p in present[1:]):
+        return f"{what} have different optional inputs"
+    shifts = [cs[4] for cs in consts]
+    if shifts[0] is not None and any(not np.array_equal(s, shifts[0]) for s in shifts[1:]):
+        return f"{what} have different channel shifts"
+    return None
+
+
 def _why_not(nodes: list[ir.Node], attention: ir.Node) -> str | None:
     """None when the three nodes can be packed, else the reason."""
     x = nodes[0].inputs[0]
@@ -73,16 +95,9 @@ def _why_not(nodes: list[ir.Node], attention: ir.Node) -> str | None:
         if _const_inputs(n) is None:
             return f"{n.name} has a non-constant weight"
     if nodes[0].op_type == "QMatMul":
-        attrs = [{k: a.value for k, a in n.attributes.items() if k != "N"} for n in nodes]
-        if any(a != attrs[0] for a in attrs[1:]):
-            return "q/k/v have different QMatMul attributes"
-        consts = [_const_inputs(n) + [None] * (len(QMATMUL_INPUTS) - len(n.inputs) + 1) for n in nodes]
-        present = [[c is not None for c in cs] for cs in consts]
-        if any(p != present[0] for p in present[1:]):
-            return "q/k/v have different optional inputs"
-        shifts = [cs[4] for cs in consts]
-        if shifts[0] is not None and any(not np.array_equal(s, shifts[0]) for s in shifts[1:]):
-            return "q/k/v have different channel shifts"
+        mismatch = qmatmul_mismatch(nodes, "q/k/v")
+        if mismatch:
+            return mismatch
         for n in nodes[:2]:
             if n.attributes.get_int("N") % TILE_N:
                 return f"{n.name}'s width is not a multiple of {TILE_N} columns"
@@ -92,7 +107,7 @@ def _why_not(nodes: list[ir.Node], attention: ir.Node) -> str | None:
 def concatenated_qmatmul_inputs(model: ir.Model, nodes: list[ir.Node], base: str) -> list[ir.Value | None]:
     """Inputs of one QMatMul computing the given QMatMuls' columns side by side (same X, attributes,
     optional inputs and shifts; every width but the last whole tiles): new initializers `base`.*."""
-    consts = [_const_inputs(n) + [None] * (len(QMATMUL_INPUTS) - len(n.inputs) + 1) for n in nodes]
+    consts = [padded_const_inputs(n) for n in nodes]
     inputs: list[ir.Value | None] = [nodes[0].inputs[0]]
     for j, suffix in enumerate(QMATMUL_INPUTS):
         arrays = [cs[j] for cs in consts]

@@ -23,12 +23,11 @@ SiLU that is not QuickGelu(alpha = 1) (run silu_op first), intermediates read el
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from passes.base import CompilerPass, register_pass
-from passes.pack import QMATMUL_INPUTS, TILE_N, _const_inputs, concatenated_qmatmul_inputs
+from passes.pack import TILE_N, concatenated_qmatmul_inputs, padded_const_inputs, qmatmul_mismatch
 
 
 def _only_use(value: ir.Value) -> ir.Node | None:
@@ -55,19 +54,13 @@ def _match(gate: ir.Node, up: ir.Node) -> tuple[ir.Node, ir.Node] | str:
     mul = _only_use(silu.outputs[0])
     if mul is None or mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or _only_use(up.outputs[0]) is not mul:
         return "silu(gate) and up are not multiplied by one Mul reading only them"
-    attrs = [{k: a.value for k, a in n.attributes.items() if k != "N"} for n in (gate, up)]
-    if attrs[0] != attrs[1]:
-        return "gate and up have different QMatMul attributes"
-    if attrs[0].get("swiglu", 0):
+    if gate.attributes.get_int("swiglu", 0) or up.attributes.get_int("swiglu", 0):
         return "already fused"
-    consts = [_const_inputs(n) for n in (gate, up)]
-    if any(c is None for c in consts):
+    if any(padded_const_inputs(n) is None for n in (gate, up)):
         return "a gate/up weight is not constant"
-    consts = [c + [None] * (len(QMATMUL_INPUTS) - len(c)) for c in consts]
-    if [a is not None for a in consts[0]] != [a is not None for a in consts[1]]:
-        return "gate and up have different optional inputs"
-    if consts[0][4] is not None and not np.array_equal(consts[0][4], consts[1][4]):
-        return "gate and up have different channel shifts"
+    mismatch = qmatmul_mismatch([gate, up], "gate and up")
+    if mismatch:
+        return mismatch
     if gate.attributes.get_int("N") % TILE_N:
         return f"gate's width is not a multiple of {TILE_N} columns"
     if gate.attributes.get_int("N") != up.attributes.get_int("N"):

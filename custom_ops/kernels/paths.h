@@ -32,6 +32,19 @@ const KernelTable& i8mm_kernels();
 //   scale = absmax / qmax (float division).
 constexpr float kTinyAbsmax = 1e-30f;
 
+// The SIMD paths' SwiGLU epilogue (KernelTable::swiglu; the ref uses std::exp): silu(g)·u =
+// g / (1 + exp(x)) · u in the ref's order, x = -g clamped to [kSwigluXMin, kSwigluXMax], and
+// exp(x) = 2^n · e^r with n = round(x · log2 e), r = x - n·ln2 (ln2 in two parts so that n·ln2 is
+// exact), e^r by its degree-6 Taylor polynomial (relative error < 2e-7 for |r| <= ln2/2), 2^n built
+// in the exponent bits. Clamp: below -80, 1 + e^x is 1 anyway, and near -87 the product p·2^n would
+// be subnormal, which x86 computes in microcode (SmolLM2's massive-activation gates reach there;
+// at -87 a 512-token MLP took 3x as long); above 88.72, n = 128 gives the +inf bit pattern, so
+// exp overflows as the ref's does (g < -88.72 gives -0 as there). NaN in g reaches the quotient.
+constexpr float kExpLog2e = 1.44269504088896341f;
+constexpr float kExpLn2Hi = 0.693145751953125f, kExpLn2Lo = 1.428606765330187045e-06f;
+constexpr float kExpTaylor[7] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};  // r^6 first
+constexpr float kSwigluXMin = -80.0f, kSwigluXMax = 89.0f;
+
 inline float shift_factor(uint8_t s) {  // exact 2^-s for s in [0, 15]
   return 1.0f / static_cast<float>(1u << (s & 15));
 }

@@ -229,12 +229,6 @@ struct QMatMulKernel {
     if (M == 0) return;
     float* Y = Yv.GetTensorMutableData<float>();
     const float* a = A.data<float>();
-    // swiglu: the product [gate | up] goes to a per-thread buffer, the epilogue writes Y
-    thread_local std::vector<float> glu_in;
-    if (swiglu) {
-      if (glu_in.size() < static_cast<size_t>(M * N)) glu_in.resize(static_cast<size_t>(M * N));
-    }
-    float* C = swiglu ? glu_in.data() : Y;
 
     Work w{};
     w.kt = &active_kernels();
@@ -242,13 +236,18 @@ struct QMatMulKernel {
     w.M = M;
     w.act_bits = act_bits;
     w.bias = bp;
-    w.C = C;
+    w.C = Y;
     w.ldc = N;
 
     // Per-thread buffers reused across calls (no allocation or zero-filling per call; quantize_rows
-    // writes every element the kernels read).
-    thread_local std::vector<float> padded, rotated;
+    // writes every element the kernels read; with swiglu the product [gate | up] goes to glu_in
+    // and the epilogue writes Y).
+    thread_local std::vector<float> padded, rotated, glu_in;
     thread_local std::vector<int32_t> qstore;
+    if (swiglu) {
+      if (glu_in.size() < static_cast<size_t>(M * N)) glu_in.resize(static_cast<size_t>(M * N));
+      w.C = glu_in.data();
+    }
     RowWork rw{w.kt, a, nullptr, K, hadamard, M, 0, act_bits, sh, {}};
     if (hadamard) {  // x <- x . H_h per block of h channels, before anything else sees A
       if (rotated.size() < static_cast<size_t>(M * K)) rotated.resize(static_cast<size_t>(M * K));
@@ -320,7 +319,7 @@ struct QMatMulKernel {
     if (tasks == 1) run_task(&w, 0);
     else ctx.ParallelFor(&QMatMulKernel::run_task, static_cast<size_t>(tasks), 0, &w);
     if (swiglu) {  // O(M·N) after the O(M·K·N) product: row chunks of >= 16 rows
-      GluWork gw{w.kt, C, Y, M, N, 0};
+      GluWork gw{w.kt, w.C, Y, M, N, 0};
       const int64_t gtasks = std::max<int64_t>(1, std::min<int64_t>(M / 16, 16));
       gw.rows_per = (M + gtasks - 1) / gtasks;
       if (gtasks == 1) glu_task(&gw, 0);

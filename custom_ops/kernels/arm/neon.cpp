@@ -386,29 +386,20 @@ void neon_int_block_dots_agile(const QuantizedRows& A, int64_t M, int act_bits,
 
 namespace {
 
-// exp(x) for x in [-80, 89] (callers clamp; above 88.72 the result is +inf): x = n·ln2 + r,
-// |r| <= ln2/2 (ln2 split in two parts so that n·ln2 is exact), e^r by its degree-6 Taylor
-// polynomial (relative error < 2e-7 there), times 2^n built in the exponent bits. The same
-// evaluation as the x86 path (kernels/x86/avx2.cpp).
+// SwiGLU epilogue, 4 lanes (the evaluation and its constants: paths.h, kExpTaylor; the same as
+// the x86 paths).
 inline float32x4_t exp_f32(float32x4_t x) {
-  const float32x4_t n = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
-  float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693145751953125f));
-  r = vfmsq_f32(r, n, vdupq_n_f32(1.428606765330187045e-06f));
-  float32x4_t p = vdupq_n_f32(1.0f / 720);
-  p = vfmaq_f32(vdupq_n_f32(1.0f / 120), p, r);
-  p = vfmaq_f32(vdupq_n_f32(1.0f / 24), p, r);
-  p = vfmaq_f32(vdupq_n_f32(1.0f / 6), p, r);
-  p = vfmaq_f32(vdupq_n_f32(0.5f), p, r);
-  p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
-  p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
+  const float32x4_t n = vrndnq_f32(vmulq_n_f32(x, kExpLog2e));
+  float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(kExpLn2Hi));
+  r = vfmsq_f32(r, n, vdupq_n_f32(kExpLn2Lo));
+  float32x4_t p = vdupq_n_f32(kExpTaylor[0]);
+  for (int i = 1; i < 7; ++i) p = vfmaq_f32(vdupq_n_f32(kExpTaylor[i]), p, r);
   const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
   return vmulq_f32(p, vreinterpretq_f32_s32(e));
 }
 
-// silu(g)·u = g / (1 + exp(-g)) · u in the ref's order, -g clamped to [-80, 89] as on x86
-// (kernels/x86/avx2.cpp, swiglu8: no subnormal intermediates).
 inline float32x4_t swiglu4(float32x4_t g, float32x4_t u) {
-  const float32x4_t x = vminq_f32(vmaxq_f32(vnegq_f32(g), vdupq_n_f32(-80.0f)), vdupq_n_f32(89.0f));
+  const float32x4_t x = vminq_f32(vmaxq_f32(vnegq_f32(g), vdupq_n_f32(kSwigluXMin)), vdupq_n_f32(kSwigluXMax));
   return vmulq_f32(vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0f), exp_f32(x))), u);
 }
 

@@ -1149,39 +1149,21 @@ void gemm_a16(const float* A, int64_t M, const PackedInt4& W, int64_t tile_begin
   }
 }
 
-}  // namespace
-}  // namespace avx2
-
-namespace avx2 {
-namespace {
-
-// exp(x) for x in [-80, 89] (callers clamp; above 88.72 the result is +inf): x = n·ln2 + r,
-// |r| <= ln2/2 (ln2 split in two parts so that n·ln2 is exact), e^r by its degree-6 Taylor
-// polynomial (relative error < 2e-7 on that interval), times 2^n built in the exponent bits.
+// SwiGLU epilogue, 8 lanes (the evaluation and its constants: paths.h, kExpTaylor).
 inline __m256 exp_ps(__m256 x) {
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kExpLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kExpLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kExpLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpTaylor[0]);
+  for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpTaylor[i]));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-// silu(g)·u = g / (1 + exp(-g)) · u in the ref's order. -g is clamped to [-80, 89]: below, 1 + e
-// is 1 anyway (and near -87 the product p·2^n would be subnormal: arithmetic on it is microcoded,
-// and massive-activation gates reach there; unclamped at -87 a 512-token SmolLM2 MLP took 3x as
-// long); above 88.72 exp overflows to inf (n = 128 gives the inf bit pattern) as the ref's does,
-// so g < -88.72 gives -0 as there. NaN in g passes the clamp as -80 and reaches the quotient.
 inline __m256 swiglu8(__m256 g, __m256 u) {
-  const __m256 x = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(-80.0f)),
-                                 _mm256_set1_ps(89.0f));
+  const __m256 x = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(kSwigluXMin)),
+                                 _mm256_set1_ps(kSwigluXMax));
   return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_ps(x))), u);
 }
 
