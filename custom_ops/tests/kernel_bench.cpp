@@ -47,15 +47,28 @@ int main(int argc, char** argv) {
   const QuantizedRows Q{q.data(), qs.data(), bsum.data(), Kp, nb};
   const KernelTable& kt = active_kernels();
   auto time_it = [&](auto&& fn) {
+    // Thread CPU time: robust when other processes share the cores. Reading it is a system call
+    // (≈ 1.2 us in a VM), so one sample is `inner` rounds of one call of each copy in turn, sized
+    // to >= 100 us, and the timer's own cost stays out of the per-call figure.
+    auto cpu_us = [] {
+      timespec t;
+      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+      return t.tv_sec * 1e6 + t.tv_nsec * 1e-3;
+    };
+    int64_t inner = 1;
+    for (;;) {
+      const double a = cpu_us();
+      for (int64_t i = 0; i < inner; ++i)
+        for (int64_t c = 0; c < copies; ++c) fn();
+      if (cpu_us() - a >= 100.0 || inner >= (int64_t(1) << 20)) break;
+      inner *= 2;
+    }
     std::vector<double> t;
     for (int r = 0; r < reps; ++r) {
-      // Thread CPU time: robust when other processes share the cores. With copies, one sample is
-      // one call of each copy in turn (the timer's own cost stays out of the per-call figure).
-      timespec a, b;
-      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
-      for (int64_t c = 0; c < copies; ++c) fn();
-      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
-      t.push_back(((b.tv_sec - a.tv_sec) * 1e6 + (b.tv_nsec - a.tv_nsec) * 1e-3) / copies);
+      const double a = cpu_us();
+      for (int64_t i = 0; i < inner; ++i)
+        for (int64_t c = 0; c < copies; ++c) fn();
+      t.push_back((cpu_us() - a) / double(inner * copies));
     }
     std::sort(t.begin(), t.end());
     return std::make_pair(t.front(), t[t.size() / 2]);
