@@ -19,7 +19,7 @@ using Clock = std::chrono::steady_clock;
 
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::fprintf(stderr, "usage: %s M K N [block_size] [reps]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s M K N [block_size] [reps] [col_tasks] [copies]\n", argv[0]);
     return 2;
   }
   const int64_t M = std::atoll(argv[1]), K = std::atoll(argv[2]), N = std::atoll(argv[3]);
