@@ -67,6 +67,12 @@ class CompilerPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def report_blocks(self, key: str, done: int, total: int, what: str, skipped: dict[int, str]) -> None:
+        """Record `key` = done and the skip reason of each block; log "<what> of done of total blocks"."""
+        self.ctx.record(**{key: done}, skipped={str(k): v for k, v in sorted(skipped.items())})
+        self.ctx.log(f"{what} of {done} of {total} blocks"
+                     + (f"; skipped {len(skipped)} ({next(iter(skipped.values()))})" if skipped else ""))
+
 
 def to_plain_layout(model: ir.Model, ctx: "CompileContext") -> bool:
     """Split packed q/k/v and fused residual norms back and drop the logits_to_keep slice; changed?"""

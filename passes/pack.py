@@ -209,6 +209,5 @@ class PackQKVPass(CompilerPass):
                 graph.remove(n, safe=True)
             packed += 1
         RemoveUnusedNodesPass()(model)  # the weights the replaced nodes read
-        self.ctx.record(packed_blocks=packed, skipped={str(k): v for k, v in sorted(skipped.items())})
-        self.ctx.log(f"packed q/k/v of {packed} of {len(structure.blocks)} blocks" + (f"; skipped {len(skipped)} ({next(iter(skipped.values()))})" if skipped else ""))
+        self.report_blocks("packed_blocks", packed, len(structure.blocks), "packed q/k/v", skipped)
         return ir.passes.PassResult(model, packed > 0)

@@ -107,7 +107,5 @@ class SwigluQMatMulPass(CompilerPass):
             graph.remove([mul, silu, up, gate], safe=True)
             fused += 1
         RemoveUnusedNodesPass()(model)  # the separate gate/up weights
-        self.ctx.record(fused_blocks=fused, skipped={str(k): v for k, v in sorted(skipped.items())})
-        self.ctx.log(f"fused gate/up/SwiGLU of {fused} of {len(structure.blocks)} blocks"
-                     + (f"; skipped {len(skipped)} ({next(iter(skipped.values()))})" if skipped else ""))
+        self.report_blocks("fused_blocks", fused, len(structure.blocks), "fused gate/up/SwiGLU", skipped)
         return ir.passes.PassResult(model, fused > 0)
