@@ -163,6 +163,12 @@ struct QMatMulKernel {
     if (m0 < m1) w.kt->swiglu(w.Z + m0 * w.N, w.N, m1 - m0, w.N / 2, w.Y + m0 * (w.N / 2), w.N / 2);
   }
 
+  // One task runs in the calling thread (no pool round trip), more go to ORT's pool.
+  static void run_tasks(const Ort::KernelContext& ctx, void (*fn)(void*, size_t), int64_t tasks, void* work) {
+    if (tasks == 1) fn(work, 0);
+    else ctx.ParallelFor(fn, static_cast<size_t>(tasks), 0, work);
+  }
+
   static void row_task(void* p, size_t i) {
     const RowWork& w = *static_cast<const RowWork*>(p);
     const int64_t m0 = static_cast<int64_t>(i) * w.rows_per, m1 = std::min(w.M, m0 + w.rows_per);
@@ -263,8 +269,7 @@ struct QMatMulKernel {
     if (hadamard || act_bits != 16) {
       const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(M / 8, 16));
       rw.rows_per = (M + tasks - 1) / tasks;
-      if (tasks == 1) row_task(&rw, 0);
-      else ctx.ParallelFor(&QMatMulKernel::row_task, static_cast<size_t>(tasks), 0, &rw);
+      run_tasks(ctx, &QMatMulKernel::row_task, tasks, &rw);
       if (hadamard) a = rotated.data();
     }
     if (act_bits == 16) {
@@ -316,14 +321,12 @@ struct QMatMulKernel {
       w.row_tasks = (M + w.rows_per - 1) / w.rows_per;
     }
     const int64_t tasks = w.row_tasks * w.col_tasks;
-    if (tasks == 1) run_task(&w, 0);
-    else ctx.ParallelFor(&QMatMulKernel::run_task, static_cast<size_t>(tasks), 0, &w);
+    run_tasks(ctx, &QMatMulKernel::run_task, tasks, &w);
     if (swiglu) {  // O(M·N) after the O(M·K·N) product: row chunks of >= 16 rows
       GluWork gw{w.kt, w.C, Y, M, N, 0};
       const int64_t gtasks = std::max<int64_t>(1, std::min<int64_t>(M / 16, 16));
       gw.rows_per = (M + gtasks - 1) / gtasks;
-      if (gtasks == 1) glu_task(&gw, 0);
-      else ctx.ParallelFor(&QMatMulKernel::glu_task, static_cast<size_t>(gtasks), 0, &gw);
+      run_tasks(ctx, &QMatMulKernel::glu_task, gtasks, &gw);
     }
   }
 };
