@@ -3,9 +3,9 @@ accuracy_level 4 and 0) and fp32 MatMul on the same weights, in one process, int
 same intra-op threads; medians.
 
 The 4-bit weights come from ``MatMulNBitsQuantizer`` (symmetric, block 32); QMatMul runs exactly
-those codes and scales repacked into llmfold's layout. ``weight_gb_s`` counts the weight bytes a
-kernel must stream: K*N/2 for the 4-bit kernels (scales excluded, as in the issue's reference
-numbers), K*N*4 for fp32. The read bandwidth is the best of several ORT ReduceSum passes over a
+those codes repacked into llmfold's layout, with the scales rounded to float16 (the layout's scale
+type; MatMulNBits keeps float32 ones). ``weight_gb_s`` counts the weight bytes a kernel must stream:
+K*N/2 for the 4-bit kernels (scales excluded, as in the issue's reference numbers), K*N*4 for fp32. The read bandwidth is the best of several ORT ReduceSum passes over a
 256 MB float tensor with the same threads.
 
 Clock: with 1 thread (the default) the calling thread's CPU time, which ORT spends entirely in the

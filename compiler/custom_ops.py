@@ -24,6 +24,8 @@ DOMAIN = "llmfold"
 OPSET_VERSION = 1
 TILE_N = 16  # output columns per packed tile
 GROUP_K = 8  # k values per 64-byte packed group
+SCALE_DTYPE = np.float16  # block scales are stored as IEEE binary16 (half the bytes of float32)
+FP16_MAX = 65504.0
 LIB_ENV = "LLMFOLD_OPS_LIB"
 LIB_NAME = "libllmfold_ops.so"
 
@@ -85,12 +87,38 @@ def packed_sizes(K: int, N: int, block_size: int) -> dict:
                 zero_points=n_tiles * n_blocks * TILE_N, n_blocks=n_blocks, n_tiles=n_tiles, Kp=Kp)
 
 
+def round_scales(scales: np.ndarray) -> np.ndarray:
+    """The float32 values of ``scales`` as the packed layout stores them: rounded to the nearest
+    float16 (ties to even), so a quantizer can choose its codes for the scales the kernels will see.
+    A nonzero scale too small for float16 (below 2^-24) becomes ±2^-24 rather than 0 (a zero
+    scale would turn its codes into NaN for the quantizers that divide by it). Raises ValueError
+    for a non-finite scale or one beyond float16's range (|s| > 65504)."""
+    s = np.asarray(scales, dtype=np.float32)
+    check_scale_range(s)
+    with np.errstate(over="ignore"):
+        r = s.astype(np.float16).astype(np.float32)
+    tiny = (r == 0) & (s != 0)
+    return np.where(tiny, np.copysign(np.float32(2.0**-24), s), r).astype(np.float32)
+
+
+def check_scale_range(scales: np.ndarray, what: str = "block scales") -> None:
+    """ValueError naming the worst scale when some scale is not finite or exceeds float16's range."""
+    s = np.asarray(scales, dtype=np.float32)
+    bad = ~np.isfinite(s) | (np.abs(s) > FP16_MAX)
+    if bad.any():
+        i = np.unravel_index(int(np.argmax(bad)), s.shape)
+        raise ValueError(f"{what}: {int(bad.sum())} value(s) are not finite or exceed float16's range ±{FP16_MAX:g} "
+                         f"(e.g. {float(s[i]):g} at index {tuple(int(x) for x in i)}); the packed layout stores "
+                         "fp16 scales, so weights this large cannot be packed")
+
+
 def pack_int4_blocks(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, block_size: int) -> dict:
     """Packs 4-bit codes into the kernel layout.
 
-    q: uint8 [K, N] in 0..15; scales: float32 [n_blocks, N]; zero_points: uint8 [n_blocks, N] in
-    0..15 or None (symmetric: 8). W[k, n] = scales[k // bs, n] * (q[k, n] - zp[k // bs, n]).
-    Returns dict(data=uint8 [n_tiles*Kp/8*64], scales=float32 [n_tiles*n_blocks*16],
+    q: uint8 [K, N] in 0..15; scales: float [n_blocks, N] (rounded to float16 by
+    :func:`round_scales`); zero_points: uint8 [n_blocks, N] in 0..15 or None (symmetric: 8).
+    W[k, n] = scales[k // bs, n] * (q[k, n] - zp[k // bs, n]).
+    Returns dict(data=uint8 [n_tiles*Kp/8*64], scales=float16 [n_tiles*n_blocks*16],
     zero_points=uint8 [...] or None) -- flat arrays, the QMatMul inputs B, scales, zero_points.
     """
     q = np.asarray(q)
@@ -120,8 +148,8 @@ def pack_int4_blocks(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray 
     Q5 = Q.reshape(Kp // GROUP_K, 2, 4, n_tiles, TILE_N)
     byte = Q5[:, 0] | (Q5[:, 1] << 4)  # [g, j, t, c]
     data = np.ascontiguousarray(byte.transpose(2, 0, 3, 1)).reshape(-1)
-    S = np.zeros((n_blocks, Np), np.float32)
-    S[:, :N] = scales
+    S = np.zeros((n_blocks, Np), SCALE_DTYPE)
+    S[:, :N] = round_scales(scales)
     by_tile = lambda X: np.ascontiguousarray(X.reshape(n_blocks, n_tiles, TILE_N).transpose(1, 0, 2)).reshape(-1)
     out = dict(data=data.astype(np.uint8), scales=by_tile(S), zero_points=None)
     if zp is not None:
@@ -133,12 +161,17 @@ def pack_int4_blocks(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray 
 
 def unpack_int4_blocks(data: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, K: int, N: int,
                        block_size: int) -> dict:
-    """Exact inverse of :func:`pack_int4_blocks`: dict(q [K,N] uint8, scales [n_blocks,N] float32,
-    zero_points [n_blocks,N] uint8 or None)."""
+    """Exact inverse of :func:`pack_int4_blocks`: dict(q [K,N] uint8, scales [n_blocks,N] float32
+    (the stored float16 values), zero_points [n_blocks,N] uint8 or None). ``scales`` must be
+    float16, the packed layout's type."""
     sz = packed_sizes(K, N, block_size)
     n_blocks, n_tiles, Kp = sz["n_blocks"], sz["n_tiles"], sz["Kp"]
     data = np.asarray(data, dtype=np.uint8).reshape(-1)
-    scales = np.asarray(scales, dtype=np.float32).reshape(-1)
+    scales = np.asarray(scales)
+    if scales.dtype != SCALE_DTYPE:
+        raise ValueError(f"packed scales must be float16, got {scales.dtype} (a model packed before the fp16 layout: "
+                         "recompile it)")
+    scales = scales.astype(np.float32).reshape(-1)
     if data.size != sz["data"] or scales.size != sz["scales"]:
         raise ValueError(f"packed sizes {data.size}/{scales.size} do not match K={K} N={N} block_size={block_size} "
                          f"(need {sz['data']}/{sz['scales']})")
@@ -175,14 +208,14 @@ def quantize_int4_weights(W: np.ndarray, block_size: int, symmetric: bool = True
     Wb = Wp.reshape(n_blocks, block_size, N)
     if symmetric:
         amax = np.abs(Wb).max(axis=1)
-        scales = (amax / 7.0).astype(np.float32)
+        scales = round_scales(amax / 7.0)  # the codes are chosen for the stored (fp16) scales
         inv = np.where(scales > 0, 1.0 / np.where(scales > 0, scales, 1), 0).astype(np.float32)
         q = np.clip(np.rint(Wb * inv[:, None, :]) + 8, 0, 15).astype(np.uint8)
         zp = None
     else:
         lo, hi = Wb.min(axis=1), Wb.max(axis=1)
         lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
-        scales = ((hi - lo) / 15.0).astype(np.float32)
+        scales = round_scales((hi - lo) / 15.0)
         safe = np.where(scales > 0, scales, 1)
         zp = np.clip(np.rint(-lo / safe), 0, 15).astype(np.uint8)
         q = np.clip(np.rint(Wb / safe[:, None, :]) + zp[:, None, :], 0, 15).astype(np.uint8)
@@ -528,12 +561,13 @@ def _schemas():
             "product Z, silu(g) = g / (1 + exp(-g)); Y is [..., I].",
         inputs=[FP("A", "T", "float activations [..., K]"),
                 FP("B", "U", "packed 4-bit weights, n_tiles*Kp/8*64 bytes"),
-                FP("scales", "T", "block scales [n_tiles, n_blocks, 16]"),
+                FP("scales", "S", "float16 block scales [n_tiles, n_blocks, 16]"),
                 FP("zero_points", "U", "4-bit zero points [n_tiles, n_blocks, 16]", param_option=opt),
                 FP("bias", "T", "bias [N]", param_option=opt),
                 FP("channel_shift", "U", "shift exponents [K] in 0..15", param_option=opt)],
         outputs=[FP("Y", "T", "output [..., N] ([..., N/2] with swiglu)")],
-        type_constraints=[("T", ["tensor(float)"], "float"), ("U", ["tensor(uint8)"], "bytes")],
+        type_constraints=[("T", ["tensor(float)"], "float"), ("S", ["tensor(float16)"], "fp16 scales"),
+                          ("U", ["tensor(uint8)"], "bytes")],
         attributes=[OS.Attribute("K", OS.AttrType.INT, "input features"),
                     OS.Attribute("N", OS.AttrType.INT, "output features"),
                     OS.Attribute("block_size", OS.AttrType.INT, "weights per scale along K (16..256, power of 2)"),

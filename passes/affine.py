@@ -359,9 +359,12 @@ def fake_quant_weight(W, block_size: int, symmetric: bool, clip=None):
     """The int4 pass's block format, differentiable (STE). W [K, N]; clip: shrink [nb, N] or None.
 
     symmetric: s = a·max(max(W,0)/7, max(−W,0)/8), q ∈ [0,15] around 8;
-    asymmetric: s = a·(max(W,0) − min(W,0))/15, z = clamp(round(−a·min/s), 0, 15) (integer).
+    asymmetric: s = a·(max(W,0) − min(W,0))/15, z = clamp(round(−a·min/s), 0, 15) (integer);
+    s rounded to float16 as stored.
     """
     import torch
+
+    from passes.int4 import stored_scales
 
     K, N = W.shape
     nb = -(-K // block_size)
@@ -376,7 +379,8 @@ def fake_quant_weight(W, block_size: int, symmetric: bool, clip=None):
         scale = (mx - mn) / 15.0
     if clip is not None:
         scale = scale * clip
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1)
+    # stored as QMatMul stores it (float16; the cast passes gradients through)
+    scale = stored_scales(torch.where(scale > 0, scale, torch.ones_like(scale))).unsqueeze(1)
     if symmetric:
         zero = torch.full_like(scale, 8.0)
     else:

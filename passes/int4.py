@@ -130,7 +130,9 @@ MatMul(X, W) → QMatMul(X, data, scales, zero_points?, bias=None, channel_shift
 "llmfold" (opset 1), attributes K, N, block_size, act_bits (and hadamard when set); the packed
 initializers are named ``{layer}.qweight``, ``{layer}.scales``, ``{layer}.zero_points``,
 ``{layer}.channel_shift``. The fp32 weight leaves the graph unless another node still reads it (a
-tied embedding's Gather).
+tied embedding's Gather). The block scales are stored as float16 (custom_ops/README.md); every
+quantizer here rounds a block's scale to its float16 value (``stored_scales``) before choosing the
+codes, so the codes and the error feedback (GPTQ) see the weights the kernels will compute with.
 
 Calibration statistics are requested a few blocks at a time (``stats_blocks``; lm_head joins the
 last round) and dropped once those blocks are quantized, so memory stays bounded by a few blocks'
@@ -348,11 +350,22 @@ def shrink_grid(steps: int, min_shrink: float) -> np.ndarray:
     return np.linspace(1.0, min_shrink, steps)
 
 
+def stored_scales(scale):
+    """The scales as QMatMul stores them (float16, compiler.custom_ops.round_scales), in the
+    tensor's dtype: every quantizer here picks its codes for these values, not for the float ones.
+    Nonzero scales below float16's smallest (2^-24) become ±2^-24; overflow gives inf, which the
+    packer reports."""
+    torch = _torch()
+    r = scale.to(torch.float16).to(scale.dtype)
+    return torch.where((r == 0) & (scale != 0), torch.copysign(torch.full_like(scale, 2.0**-24), scale), r)
+
+
 def block_scale_zero(wb, symmetric: bool, shrink=1.0):
     """Scale and zero point of block columns.
 
     wb: tensor [..., g, N] (the g rows of a block); shrink: float or tensor [A] (then the result
-    gets a leading A axis). Returns (scale [.., N] float, zero [.., N] float holding integers).
+    gets a leading A axis). Returns (scale [.., N] float, zero [.., N] float holding integers);
+    the scale is rounded to the stored float16 value before the zero point is derived from it.
     An all-zero column gets scale 1 (its values quantize to the zero point, i.e. to 0).
     """
     torch = _torch()
@@ -363,11 +376,11 @@ def block_scale_zero(wb, symmetric: bool, shrink=1.0):
         a = a.view(-1, *([1] * mx.ndim))
     if symmetric:
         scale = torch.maximum(mx / 7.0, -mn / 8.0) * a
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = stored_scales(torch.where(scale > 0, scale, torch.ones_like(scale)))
         zero = torch.full_like(scale, 8.0)
     else:
         scale = (mx - mn) * a / 15.0
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = stored_scales(torch.where(scale > 0, scale, torch.ones_like(scale)))
         zero = torch.clamp(torch.round(-mn * a / scale), 0, 15)
     return scale, zero
 
@@ -538,8 +551,9 @@ def refit_block_scales(
     """Least-squares block scales for fixed codes: per column n, with u_bn = (q − z)·[k ∈ block b]
     (K-vectors, one per block) and Ŵ_{:,n} = Σ_b s_bn·u_bn, minimize the output error
     (w_n − U_n s_n)ᵀ H (w_n − U_n s_n) over s_n: (U_nᵀ H U_n) s_n = U_nᵀ H w_n, an n_blocks-square
-    system per column. The current scales are feasible, so a column whose refit does not lower its
-    error (or is not finite) keeps them: never worse on the calibration objective. float64."""
+    system per column, rounded to the stored float16 values. The current scales are feasible, so a
+    column whose rounded refit does not lower its error (or is not finite) keeps them: never worse
+    on the calibration objective. float64."""
     torch = _torch()
     K, N = qw.q.shape
     g, nb = qw.block_size, qw.n_blocks
@@ -571,7 +585,7 @@ def refit_block_scales(
         A = G + torch.diag_embed(lam.expand(-1, nb))
         b = rhs - (G @ sc.T.unsqueeze(2)).squeeze(2)
         delta, info = torch.linalg.solve_ex(A, b)
-        cand = sc.T + delta  # [n, b]
+        cand = stored_scales(sc.T + delta)  # [n, b], judged as stored
         # error per column, before and after: wᵀHw − 2 sᵀr + sᵀGs (the constant cancels)
         def err(sv):
             return -2 * (sv * rhs).sum(1) + (sv.unsqueeze(1) @ G @ sv.unsqueeze(2)).reshape(-1)

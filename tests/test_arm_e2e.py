@@ -113,7 +113,7 @@ def test_smollm2_w4a8_decode_on_aarch64(samples, smollm2_dir, tmp_path_factory, 
     """SmolLM2-135M, int4 RTN weights with zero points and per-token int8 activations (no smoothing,
     tests/sample_helpers.py's "w4a8"): the greedy decode
     gives the same tokens on x86-64 and on both emulated ARM cores, and the prompt's logits stay
-    within 15 % of the largest logit.
+    within 15 % of the largest logit (prefill and decode steps).
 
     Why not the integer-exact tolerance of the tiny models: this model is ill-conditioned under
     per-token int8 (massive activations set each token's scale), so a last-ulp difference before
@@ -128,8 +128,10 @@ def test_smollm2_w4a8_decode_on_aarch64(samples, smollm2_dir, tmp_path_factory, 
         pytest.skip("passes/int4.py is not there yet")
     # The first greedy token here is a near-tie (25.06 vs 24.98 on x86 with ORT's materialized
     # attention, which llmfold selects: compiler/runtime.py GQA_FLASH_ENV); the ISAs' last-ulp
-    # differences flip it (x86 905, aarch64 1345). With ORT's default tiled attention the margin is
-    # wider and both agree, so this ISA comparison pins that path on both sides.
+    # differences flip it (x86 905, aarch64 1345). With ORT's default tiled attention the margin was
+    # wider and both agreed, so this ISA comparison pins that path on both sides. Since the fp16
+    # block scales (2026-12-07) it is a near tie again (x86 6412, aarch64 -cpu max 1345), hence the
+    # near-tie rule below rather than equal tokens.
     monkeypatch.setenv("ORT_GQA_DISABLE_FLASH_ATTENTION", "0")
     model = compile_recipe(smollm2_dir, tmp_path_factory.mktemp("smollm2_arm"), "w4a8")
     prompt = [1, 504, 3458, 282, 253, 1345, 28]  # bos + six in-vocabulary ids
@@ -144,5 +146,12 @@ def test_smollm2_w4a8_decode_on_aarch64(samples, smollm2_dir, tmp_path_factory, 
               f"(x86 {ref.tokens}); prefill max |Δlogit| {d[:P].max():.3g} (max |logit| {np.abs(ref.logits[:P]).max():.3g}); decode steps "
               f"max |Δlogit| {np.round(d[P:], 3).tolist()}")  # fmt: skip
         assert got.kernel_path == CPUS[cpu]
-        assert got.tokens == ref.tokens
-        assert d[:P].max() <= 0.15 * float(np.abs(ref.logits[:P]).max())
+        bound = 0.15 * float(np.abs(ref.logits[:P]).max())
+        assert d[:P].max() <= bound and d[P:].max() <= bound
+        # Greedy tokens agree except at a near tie: x86's own margin between the two picks below
+        # the cross-ISA deviation the prompt's rows showed (rows P-1+i chose token i; the ARM run is
+        # fed x86's tokens, so every step is compared on the same context).
+        for i, (mine, theirs) in enumerate(zip(got.tokens, ref.tokens)):
+            margin = float(ref.logits[P - 1 + i, theirs] - ref.logits[P - 1 + i, mine])
+            print(f"  step {i}: aarch64 {mine}, x86 {theirs}, x86 margin {margin:.3f}")
+            assert mine == theirs or margin <= d[:P].max(), f"step {i}: {mine} != {theirs}, x86 margin {margin:.3f}"

@@ -238,7 +238,7 @@ def _qmatmul_three_ways(tmp: Path, M: int, K: int, N: int, bs: int):
     rng = np.random.default_rng(3)
     nb = -(-K // bs)
     q = rng.integers(0, 16, (K, N)).astype(np.uint8)
-    sc = rng.uniform(0.01, 0.08, (nb, N)).astype(np.float32)
+    sc = co.round_scales(rng.uniform(0.01, 0.08, (nb, N)))
     zp = rng.integers(0, 16, (nb, N)).astype(np.uint8)
     bias = rng.uniform(-1, 1, N).astype(np.float32)
     shift = rng.integers(0, 3, K).astype(np.uint8)

@@ -45,7 +45,7 @@ def lib() -> Path:
 def random_weights(rng, K, N, bs, with_zp):
     nb = -(-K // bs)
     q = rng.integers(0, 16, (K, N)).astype(np.uint8)
-    sc = rng.uniform(0.01, 0.08, (nb, N)).astype(np.float32)
+    sc = co.round_scales(rng.uniform(0.01, 0.08, (nb, N)))  # values the fp16 layout holds exactly
     zp = rng.integers(0, 16, (nb, N)).astype(np.uint8) if with_zp else None
     return q, sc, zp
 
@@ -106,6 +106,50 @@ def test_pack_unpack_round_trip(K, N, bs, with_zp):
     z = zp if zp is not None else np.full_like(sc, 8, dtype=np.uint8)
     b = np.arange(K) // bs
     assert np.array_equal(W, (q.astype(np.float32) - z[b].astype(np.float32)) * sc[b])
+
+
+def test_pack_scales_are_fp16():
+    # The packer stores float16 scales, each the nearest half (ties to even) of the float given.
+    K, N, bs = 32, 16, 16
+    q = np.full((K, N), 9, np.uint8)
+    sc = np.full((2, N), 0.1, np.float32)
+    sc[0, 1] = 1 + 2.0**-11  # a tie: rounds to even (1.0)
+    sc[0, 2] = 1 + 3 * 2.0**-11  # a tie: rounds to even (1 + 2^-9)
+    sc[0, 3] = 2.0**-26  # below the smallest half: kept nonzero as 2^-24
+    sc[0, 4] = -3e-6  # a subnormal half, sign kept
+    sc[0, 5] = 65504.0
+    sc[1, 0] = 0.0
+    p = co.pack_int4_blocks(q, sc, None, bs)
+    assert p["scales"].dtype == np.float16
+    u = co.unpack_int4_blocks(p["data"], p["scales"], None, K, N, bs)
+    assert u["scales"].dtype == np.float32
+    assert np.array_equal(u["scales"], co.round_scales(sc))
+    assert u["scales"][0, 0] == np.float32(np.float16(0.1)) and u["scales"][0, 1] == 1.0
+    assert u["scales"][0, 2] == 1 + 2.0**-9 and u["scales"][0, 3] == 2.0**-24 and u["scales"][1, 0] == 0.0
+    assert u["scales"][0, 4] == np.float32(np.float16(-3e-6)) < 0 and u["scales"][0, 5] == 65504.0
+    # beyond float16's range or not finite: one clear error, nothing packed
+    for bad in (65520.0, np.inf, np.nan):
+        big = sc.copy()
+        big[1, 3] = bad
+        with pytest.raises(ValueError, match=r"exceed float16's range .* index \(1, 3\)"):
+            co.pack_int4_blocks(q, big, None, bs)
+    # unpacking float32 scales (a model packed before the fp16 layout) is refused
+    with pytest.raises(ValueError, match="packed scales must be float16, got float32"):
+        co.unpack_int4_blocks(p["data"], p["scales"].astype(np.float32), None, K, N, bs)
+
+
+def test_quantize_int4_weights_codes_fit_the_stored_scales():
+    # RTN chooses its codes for the fp16 scales it stores: requantizing the dequantized weights
+    # with the stored scales reproduces the codes exactly.
+    rng = np.random.default_rng(11)
+    W = rng.standard_normal((96, 40)).astype(np.float32) * 0.02
+    for sym in (True, False):
+        r = co.quantize_int4_weights(W, 32, symmetric=sym)
+        assert np.array_equal(r["raw_scales"], co.round_scales(r["raw_scales"]))
+        Wq = co.dequantize_int4(r["data"], r["scales"], r["zero_points"], 96, 40, 32)
+        b = np.arange(96) // 32
+        zp = r["raw_zero_points"][b] if not sym else 8
+        assert np.array_equal(np.rint(Wq / r["raw_scales"][b]) + zp, r["q"])
 
 
 def test_pack_layout_bytes():
@@ -406,6 +450,11 @@ def test_qmatmul_bad_inputs(lib):
     # scales of the wrong length
     short = dict(p, scales=p["scales"][:-16])
     _expect_error(lambda: session(qmatmul_model(K, N, bs, 8, short)).run(None, {"A": A}), "scales has")
+    # float32 scales (the layout before fp16 scales): named, with the fix
+    f32 = dict(p, scales=p["scales"].astype(np.float32))
+    _expect_error(lambda: session(qmatmul_model(K, N, bs, 8, f32)).run(None, {"A": A}),
+                  "scales must be float16 (the packed layout's block scales), got float (a model compiled with float "
+                  "scales by llmfold before the fp16 layout: recompile it)")
     # zero points out of range (constant: rejected at session creation)
     badzp = dict(p, zero_points=np.where(p["zero_points"] == 0, 16, p["zero_points"]).astype(np.uint8))
     _expect_error(lambda: session(qmatmul_model(K, N, bs, 8, badzp)).run(None, {"A": A}), "zero_points values")

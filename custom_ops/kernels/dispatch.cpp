@@ -27,14 +27,14 @@ uint64_t read_xcr0() {
 }
 
 struct X86Features {
-  bool avx2_fma = false, avx512vnni = false;
+  bool avx2_fma_f16c = false, avx512vnni = false;
 };
 
 X86Features detect_x86() {
   X86Features f;
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
-  const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28);
+  const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28), f16c = c & (1u << 29);
   if (!osxsave || !avx) return f;
   const uint64_t xcr0 = read_xcr0();
   const bool os_ymm = (xcr0 & 0x6) == 0x6;             // SSE + AVX state saved by the OS
@@ -43,8 +43,8 @@ X86Features detect_x86() {
   __cpuid_count(7, 0, a, b, c, d);
   const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), avx512bw = b & (1u << 30),
              avx512vl = b & (1u << 31), vnni = c & (1u << 11);
-  f.avx2_fma = os_ymm && avx2 && fma;
-  f.avx512vnni = f.avx2_fma && os_zmm && avx512f && avx512bw && avx512vl && vnni;
+  f.avx2_fma_f16c = os_ymm && avx2 && fma && f16c;  // f16c: the fp16 block scales
+  f.avx512vnni = f.avx2_fma_f16c && os_zmm && avx512f && avx512bw && avx512vl && vnni;
   return f;
 }
 #endif
@@ -56,7 +56,7 @@ int runnable_paths(const KernelTable** out, int max_out) {
 #if defined(__x86_64__) || defined(_M_X64)
   const X86Features f = detect_x86();
   if (f.avx512vnni) list[n++] = &avx512vnni_kernels();
-  if (f.avx2_fma) list[n++] = &avx2_kernels();
+  if (f.avx2_fma_f16c) list[n++] = &avx2_kernels();
 #endif
 #if defined(__aarch64__)
   // ARM slot (owned with kernels/arm/): ASIMD is baseline on aarch64; dotprod and i8mm only when

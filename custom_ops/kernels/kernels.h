@@ -12,7 +12,8 @@
 //          16-column x 4-k tile with 4 consecutive k per column (the VNNI / sdot operand order), the
 //          high nibbles the next 4 k. Padded k rows hold q = zp (dequantize to 0), padded columns
 //          hold q = 8 with scale 0.
-//   scales float [n_tiles][n_blocks][16], zero_points uint8 [n_tiles][n_blocks][16] (optional).
+//   scales fp16 [n_tiles][n_blocks][16] (IEEE binary16 bits; half the bytes of float, which the
+//   M = 1 kernels stream from memory), zero_points uint8 [n_tiles][n_blocks][16] (optional).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -24,7 +25,7 @@ constexpr int64_t kGroupK = 8;   // k values per 64-byte packed group
 
 struct PackedInt4 {
   const uint8_t* data;         // [n_tiles][Kp/8][64]
-  const float* scales;         // [n_tiles][n_blocks][16]
+  const uint16_t* scales;      // fp16 bits [n_tiles][n_blocks][16]
   const uint8_t* zero_points;  // [n_tiles][n_blocks][16], or nullptr meaning 8 everywhere
   int64_t K, N, block_size, n_blocks, n_tiles;
   int64_t Kp() const { return n_blocks * block_size; }

@@ -45,6 +45,39 @@ constexpr float kExpLn2Hi = 0.693145751953125f, kExpLn2Lo = 1.428606765330187045
 constexpr float kExpTaylor[7] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};  // r^6 first
 constexpr float kSwigluXMin = -80.0f, kSwigluXMax = 89.0f;
 
+// IEEE binary16 bits to float (exact: every half is a float). The SIMD paths convert with
+// vcvtph2ps / FCVTL; this is the scalar specification they match.
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+  if (e == 0) {  // zero or subnormal: m * 2^-24, exact in float
+    const float v = static_cast<float>(m) * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+  }
+  const uint32_t bits = sign | (e == 0x1F ? 0x7F800000u | (m << 13) : ((e + 112u) << 23) | (m << 13));
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Float to binary16, round to nearest even (as numpy's astype(float16), which the Python packer
+// uses): beyond the largest half (65504) to inf, NaN stays NaN. The kernels never convert this
+// way; the C++ tests and benchmarks build their fp16 scales with it.
+inline uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  x &= 0x7FFFFFFFu;
+  if (x >= 0x7F800000u) return sign | 0x7C00u | (x > 0x7F800000u ? 0x200u : 0u);
+  if (x >= 0x477FF000u) return sign | 0x7C00u;  // >= 65520 rounds to inf
+  if (x < 0x38800000u) {                        // below 2^-14: a subnormal half, units of 2^-24
+    float a;
+    std::memcpy(&a, &x, sizeof a);
+    return sign | static_cast<uint16_t>(std::nearbyint(a * 16777216.0f));  // exact product; RNE
+  }
+  const uint32_t r = x - (112u << 23);  // rebias 127 -> 15, then round 23 -> 10 mantissa bits
+  return sign | static_cast<uint16_t>((r + 0xFFFu + ((r >> 13) & 1u)) >> 13);
+}
+
 inline float shift_factor(uint8_t s) {  // exact 2^-s for s in [0, 15]
   return 1.0f / static_cast<float>(1u << (s & 15));
 }

@@ -1,5 +1,5 @@
 // llmfold.QMatMul: Y[..., N] = A[..., K] . dequant(B)[K, N] (+ bias), INT4 weights in the packed
-// layout of kernels/kernels.h. Inputs: A float, B uint8 (packed), scales float, zero_points uint8
+// layout of kernels/kernels.h. Inputs: A float, B uint8 (packed), scales float16, zero_points uint8
 // (optional), bias float [N] (optional), channel_shift uint8 [K] (optional, TRIP: channel k of A is
 // divided by 2^shift[k] before activation quantization; only meaningful for act_bits 8/4, rejected
 // with act_bits 16). Attributes: K, N, block_size (16..256, power of two), act_bits (16 | 8 | 4),
@@ -71,12 +71,13 @@ struct QMatMulKernel {
     // shape again (a few ORT API calls each, a measurable part of a small M = 1 call).
     const size_t nin = info.GetInputCount();
     const int64_t want_b = n_tiles * (Kp / kGroupK) * 64, want_s = n_tiles * n_blocks * kTileN;
-    const ONNXTensorElementDataType u8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, f32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    const ONNXTensorElementDataType u8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, f32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+                                    f16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
     const struct {
       ONNXTensorElementDataType type;
       int64_t count;
       const char* nibbles;  // name for check_nibbles, or nullptr
-    } expect[6] = {{f32, 0, nullptr}, {u8, want_b, nullptr}, {f32, want_s, nullptr}, {u8, want_s, "zero_points"},
+    } expect[6] = {{f32, 0, nullptr}, {u8, want_b, nullptr}, {f16, want_s, nullptr}, {u8, want_s, "zero_points"},
                    {f32, N, nullptr}, {u8, K, "channel_shift"}};
     for (size_t i = 1; i < std::min<size_t>(nin, 6); ++i) {
       int is_const = 0;
@@ -190,7 +191,11 @@ struct QMatMulKernel {
     if (!S) fail("input scales is required");
     expect_type(A, "A", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
     expect_type(B, "B", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
-    expect_type(S, "scales", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    if (S.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)  // declared as any type so that this message is ours
+      fail("scales must be float16 (the packed layout's block scales), got ", type_name(S.type),
+           S.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+               ? " (a model compiled with float scales by llmfold before the fp16 layout: recompile it)"
+               : "");
     if (A.shape.empty()) fail("A must have rank >= 1");
     if (A.shape.back() != K)
       fail("A's last dimension is ", std::to_string(A.shape.back()), " but attribute K is ", std::to_string(K),
@@ -238,7 +243,7 @@ struct QMatMulKernel {
 
     Work w{};
     w.kt = &active_kernels();
-    w.W = PackedInt4{B.data<uint8_t>(), S.data<float>(), zp, K, N, block_size, n_blocks, n_tiles};
+    w.W = PackedInt4{B.data<uint8_t>(), S.data<uint16_t>(), zp, K, N, block_size, n_blocks, n_tiles};
     w.M = M;
     w.act_bits = act_bits;
     w.bias = bp;
@@ -337,7 +342,7 @@ std::vector<Ort::Custom::OrtLiteCustomOp*> make_qmatmul_ops() {
   using C = OrtCustomOpInputOutputCharacteristic;
   return {new Op<QMatMulKernel>(
       "QMatMul",
-      {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+      {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,
        ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8},
       {C::INPUT_OUTPUT_REQUIRED, C::INPUT_OUTPUT_REQUIRED, C::INPUT_OUTPUT_REQUIRED, C::INPUT_OUTPUT_OPTIONAL,
        C::INPUT_OUTPUT_OPTIONAL, C::INPUT_OUTPUT_OPTIONAL},

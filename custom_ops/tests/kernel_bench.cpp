@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "paths.h"
 
 using namespace llmfold;
 using Clock = std::chrono::steady_clock;
@@ -31,8 +32,8 @@ int main(int argc, char** argv) {
   std::mt19937 rng(1);
   std::vector<uint8_t> data(static_cast<size_t>(copies * nt * Kp / 8 * 64));
   for (auto& v : data) v = static_cast<uint8_t>(rng());
-  std::vector<float> scales(static_cast<size_t>(copies * nt * nb * 16), 0.01f), A(static_cast<size_t>(M * Kp)),
-      C(static_cast<size_t>(M * N));
+  std::vector<uint16_t> scales(static_cast<size_t>(copies * nt * nb * 16), float_to_half(0.01f));
+  std::vector<float> A(static_cast<size_t>(M * Kp)), C(static_cast<size_t>(M * N));
   std::uniform_real_distribution<float> U(-1, 1);
   for (auto& v : A) v = U(rng);
   int64_t copy = 0;  // the copy the next call reads

@@ -42,7 +42,7 @@ int g_checks = 0;
 struct Packed {
   int64_t K, N, bs, nb, nt;
   std::vector<uint8_t> data, zp;
-  std::vector<float> scales;
+  std::vector<uint16_t> scales;  // fp16 bits
   bool has_zp;
   PackedInt4 view() const {
     return PackedInt4{data.data(), scales.data(), has_zp ? zp.data() : nullptr, K, N, bs, nb, nt};
@@ -56,14 +56,14 @@ Packed pack(const std::vector<uint8_t>& q, const std::vector<float>& sc, const s
   p.K = K, p.N = N, p.bs = bs, p.nb = (K + bs - 1) / bs, p.nt = (N + 15) / 16, p.has_zp = zp != nullptr;
   const int64_t Kp = p.nb * bs;
   p.data.assign(static_cast<size_t>(p.nt * Kp / 8 * 64), 0);
-  p.scales.assign(static_cast<size_t>(p.nt * p.nb * 16), 0.0f);
+  p.scales.assign(static_cast<size_t>(p.nt * p.nb * 16), 0);
   p.zp.assign(static_cast<size_t>(p.nt * p.nb * 16), 8);
   for (int64_t t = 0; t < p.nt; ++t)
     for (int64_t b = 0; b < p.nb; ++b)
       for (int64_t c = 0; c < 16; ++c) {
         const int64_t n = t * 16 + c;
         if (n < N) {
-          p.scales[(t * p.nb + b) * 16 + c] = sc[b * N + n];
+          p.scales[(t * p.nb + b) * 16 + c] = float_to_half(sc[b * N + n]);
           if (zp) p.zp[(t * p.nb + b) * 16 + c] = (*zp)[b * N + n];
         }
       }
@@ -85,7 +85,8 @@ Packed pack(const std::vector<uint8_t>& q, const std::vector<float>& sc, const s
 struct Case {
   int64_t M, K, N, bs;
   bool zp, bias, shift;
-  int special;  // 0 random, 1 zero blocks, 2 NaN/Inf rows, 3 huge, 4 tiny, 5 extreme zp/q, 6 max sums
+  int special;  // 0 random, 1 zero blocks, 2 NaN/Inf rows, 3 huge, 4 tiny, 5 extreme zp/q, 6 max sums,
+                // 7 scales across the fp16 range (subnormal, smallest and largest normal)
 };
 
 bool same_bits(float a, float b) {
@@ -103,7 +104,7 @@ void run_case(const KernelTable& kt, const Case& cs, std::mt19937_64& rng) {
   std::vector<float> sc(static_cast<size_t>(nb * N)), bias(static_cast<size_t>(N));
   for (auto& v : q) v = static_cast<uint8_t>(Q(rng));
   for (auto& v : zp) v = static_cast<uint8_t>(Q(rng));
-  for (auto& v : sc) v = 0.01f + 0.05f * std::fabs(U(rng));
+  for (auto& v : sc) v = half_to_float(float_to_half(0.01f + 0.05f * std::fabs(U(rng))));  // fp16 values
   for (auto& v : bias) v = U(rng);
   if (cs.special == 1) {  // all-zero blocks: a zero-scale block and a block with q == zp
     for (int64_t n = 0; n < N; ++n) sc[0 * N + n] = 0.0f;
@@ -118,6 +119,10 @@ void run_case(const KernelTable& kt, const Case& cs, std::mt19937_64& rng) {
   if (cs.special == 6) {  // largest integer sums: q = 15 everywhere, constant-sign full-scale rows
     for (auto& v : q) v = 15;
     for (auto& v : zp) v = 0;
+  }
+  if (cs.special == 7) {  // every conversion case of the fp16 scales (subnormals are FCVTL/vcvtph2ps too)
+    const uint16_t kinds[] = {0x0001, 0x0203, 0x03FF, 0x0400, 0x0401, 0x3C00, 0x7BFF, 0x8000, 0x2E66};
+    for (size_t i = 0; i < sc.size(); ++i) sc[i] = half_to_float(kinds[(i * 7 + i / 5) % 9]);
   }
   const Packed P = pack(q, sc, cs.zp ? &zp : nullptr, K, N, bs);
   const PackedInt4 W = P.view();
@@ -262,6 +267,25 @@ void swiglu_checks(const KernelTable& kt, std::mt19937_64& rng) {
 }
 
 void spec_checks() {
+  // fp16 scales: every half converts to the float it denotes and back (NaN stays NaN); rounding
+  // to half is to nearest even with overflow to inf.
+  {
+    int bad = 0;
+    for (uint32_t h = 0; h < 65536; ++h) {
+      const float f = half_to_float(static_cast<uint16_t>(h));
+      const bool nan = (h & 0x7C00u) == 0x7C00u && (h & 0x3FFu);
+      if (nan ? !std::isnan(f) : float_to_half(f) != h) ++bad;
+    }
+    CHECK(bad == 0, "half round trip: %d of 65536 halves differ", bad);
+    CHECK(half_to_float(0x3C00) == 1.0f && half_to_float(0x0001) == std::ldexp(1.0f, -24) &&
+              half_to_float(0x7BFF) == 65504.0f && half_to_float(0xFC00) == -std::numeric_limits<float>::infinity(),
+          "half_to_float special values");
+    CHECK(float_to_half(65519.0f) == 0x7BFF && float_to_half(65520.0f) == 0x7C00 &&
+              float_to_half(std::ldexp(1.0f, -25)) == 0 && float_to_half(std::ldexp(3.0f, -25)) == 2 &&
+              float_to_half(1.0f + std::ldexp(1.0f, -11)) == 0x3C00 &&
+              float_to_half(1.0f + std::ldexp(3.0f, -11)) == 0x3C02 && float_to_half(-0.0f) == 0x8000,
+          "float_to_half rounding");
+  }
   // Quantization rule: max maps to +-qmax, rounding half to even, NaN rows, tiny rows.
   {
     const int64_t K = 16, bs = 16;
@@ -422,6 +446,7 @@ int main(int argc, char** argv) {
       {4, 520, 16, 256, true, true, false, 0},   {9, 129, 35, 16, true, false, true, 0},
       {11, 700, 18, 32, false, false, false, 0}, {8, 512, 32, 256, true, false, false, 6},
       {12, 1024, 20, 64, false, false, false, 6}, {8, 256, 17, 128, true, true, false, 5},
+      {1, 256, 33, 32, true, true, false, 7},    {6, 192, 40, 64, false, false, true, 7},
       // A16 same-sign products over long K (special 6: q = 15, rows of +-1; chunked float sums):
       // x86 1-row / 2-row / 6+4+3 strips, ARM 4-row and 1-row kernels, within the 1e-5 bound.
       {1, 1024, 16, 32, false, false, false, 6}, {2, 1024, 24, 128, true, true, false, 6},

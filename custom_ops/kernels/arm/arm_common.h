@@ -30,6 +30,9 @@ void neon_swiglu(const float* Z, int64_t ldz, int64_t M, int64_t I, float* Y, in
 
 namespace {
 
+// Four fp16 block scales as floats (FCVTL, base ARMv8; exact).
+inline float32x4_t scales4(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+
 inline int64_t tile_bytes(const PackedInt4& W) { return (W.Kp() / kGroupK) * 64; }
 
 // Integer dots of up to 4 rows x 16 columns of one block, as 4 x int32x4 per row (columns 0-3,
@@ -121,7 +124,8 @@ inline void gemm_int_impl(const QuantizedRows& A, int64_t M, int act_bits, const
   walk_blocks(
       A, M, act_bits, W, t0, t1, kern4, kern2, kern1,
       [&](int64_t m, int rows, int64_t t, int64_t b, const BlockDots& o) {
-        const float* sw = W.scales + (t * nb + b) * kTileN;
+        float32x4_t sw[4];
+        for (int i = 0; i < 4; ++i) sw[i] = scales4(W.scales + (t * nb + b) * kTileN + 4 * i);
         int32x4_t zp[4];
         if (W.zero_points) {
           const uint8x16_t z8 = vld1q_u8(W.zero_points + (t * nb + b) * kTileN);
@@ -137,7 +141,7 @@ inline void gemm_int_impl(const QuantizedRows& A, int64_t M, int act_bits, const
           const int32_t bsum = A.block_sum[(m + r) * nb + b];
           for (int i = 0; i < 4; ++i) {
             const int32x4_t corr = vmlsq_n_s32(o.d[r][i], zp[i], bsum);
-            acc[r][i] = vmlaq_f32(acc[r][i], vld1q_f32(sw + 4 * i), vcvtq_f32_s32(corr));
+            acc[r][i] = vmlaq_f32(acc[r][i], sw[i], vcvtq_f32_s32(corr));
           }
         }
       },

@@ -127,7 +127,7 @@ constexpr int64_t kA16ChunkK = 256;  // k values dequantized at once
 
 // Dequantize groups [g0, g1) of one tile into wbuf (row k - 8*g0, 16 columns).
 inline void dequant_groups(const uint8_t* wt, int64_t g0, int64_t g1, uint8x16_t zp16,
-                           const float* sw, float* wbuf) {
+                           const uint16_t* sw, float* wbuf) {
   // 4x4 byte transpose: byte 4c+j -> 4j+c, so a 32-bit lane holds 4 columns of one k.
   static const uint8_t kTr[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
   const uint8x16_t tr = vld1q_u8(kTr);
@@ -136,7 +136,7 @@ inline void dequant_groups(const uint8_t* wt, int64_t g0, int64_t g1, uint8x16_t
   for (int i = 0; i < 4; ++i) {
     zp[i] = vreinterpretq_u8_u32(vdupq_n_u32(vgetq_lane_u32(vreinterpretq_u32_u8(zp16), 0)));
     zp16 = vextq_u8(zp16, zp16, 4);
-    sc[i] = vld1q_f32(sw + 4 * i);
+    sc[i] = scales4(sw + 4 * i);
   }
   for (int64_t g = g0; g < g1; ++g) {
     const Nibbles n = load_group(wt + g * 64);

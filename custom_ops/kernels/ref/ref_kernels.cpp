@@ -17,7 +17,7 @@ inline int weight_q(const PackedInt4& W, int64_t k, int64_t n) {
   return j < 4 ? (byte & 15) : (byte >> 4);
 }
 inline float weight_scale(const PackedInt4& W, int64_t b, int64_t n) {
-  return W.scales[((n / kTileN) * W.n_blocks + b) * kTileN + n % kTileN];
+  return half_to_float(W.scales[((n / kTileN) * W.n_blocks + b) * kTileN + n % kTileN]);
 }
 inline int weight_zp(const PackedInt4& W, int64_t b, int64_t n) {
   if (!W.zero_points) return 8;

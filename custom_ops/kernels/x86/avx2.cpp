@@ -33,6 +33,11 @@ inline float hmax8(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
+// Eight fp16 block scales as floats (F16C's vcvtph2ps; exact).
+inline __m256 scales8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 inline int32_t load_i32(const void* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -317,7 +322,7 @@ void int_rows(const IntArgs& p, int64_t m0, int64_t t, const uint8_t* unp, int64
   const QuantizedRows& A = *p.A;
   const PackedInt4& W = *p.W;
   // Locals, so the stores below cannot force reloads through p.
-  const float* const scales = W.scales;
+  const uint16_t* const scales = W.scales;
   const uint8_t* const zps = W.zero_points;
   const int32_t* const bsum = A.block_sum + m0 * W.n_blocks;
   int32_t* const dots = p.dots;
@@ -356,7 +361,7 @@ void int_rows(const IntArgs& p, int64_t m0, int64_t t, const uint8_t* unp, int64
       continue;
     }
     const int64_t sidx = (t * nb + b) * kTileN;
-    const __m256 sw0 = _mm256_loadu_ps(scales + sidx), sw1 = _mm256_loadu_ps(scales + sidx + 8);
+    const __m256 sw0 = scales8(scales + sidx), sw1 = scales8(scales + sidx + 8);
     if (zps) {
       const __m128i z = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zps + sidx));
       const __m256i z0 = _mm256_cvtepu8_epi32(z), z1 = _mm256_cvtepu8_epi32(_mm_srli_si128(z, 8));
@@ -460,7 +465,7 @@ void strip4_blocks_t(const IntArgs& p, int64_t m0, int64_t t, const int8_t* apac
                      const uint8_t* unp, int64_t b0, int64_t b1, int64_t phase_groups, float* facc) {
   const PackedInt4& W = *p.W;
   const int64_t nb = W.n_blocks, gpb = W.block_size / kGroupK, phases = kOnePhase ? 1 : gpb / phase_groups;
-  const float* const scales = W.scales;
+  const uint16_t* const scales = W.scales;
   const uint8_t* const zps = W.zero_points;
   const __m256i ones16 = _mm256_set1_epi16(1);
   for (int64_t b = b0; b < b1; ++b) {
@@ -488,7 +493,7 @@ void strip4_blocks_t(const IntArgs& p, int64_t m0, int64_t t, const int8_t* apac
       if (phase_groups == 4) strip4_groups4(unp + (g0 - b0 * gpb) * 128, apack + g0 * 4 * kGroupK, acc);
       else strip4_groups(unp + (g0 - b0 * gpb) * 128, apack + g0 * 4 * kGroupK, phase_groups, acc);
       if (kOnePhase && !p.dots) {  // widen, scale and accumulate row by row (no int32 array live)
-        const __m256 sw0 = _mm256_loadu_ps(scales + sidx), sw1 = _mm256_loadu_ps(scales + sidx + 8);
+        const __m256 sw0 = scales8(scales + sidx), sw1 = scales8(scales + sidx + 8);
         for (int r = 0; r < 4; ++r) {
           float* f = facc + r * kTileN;
           const __m256 v0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(acc[r][0], ones16));
@@ -526,7 +531,7 @@ void strip4_blocks_t(const IntArgs& p, int64_t m0, int64_t t, const int8_t* apac
       }
       continue;
     }
-    const __m256 sw0 = _mm256_loadu_ps(scales + sidx), sw1 = _mm256_loadu_ps(scales + sidx + 8);
+    const __m256 sw0 = scales8(scales + sidx), sw1 = scales8(scales + sidx + 8);
     for (int r = 0; r < 4; ++r) {
       float* f = facc + r * kTileN;
       const __m256 p0 = b == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(f);  // block 0 starts the sums
@@ -579,11 +584,11 @@ void strip4_onephase(const IntArgs& p, int64_t t, const int8_t* apack, const int
     }
   }
   const __m256i ones16 = _mm256_set1_epi16(1);
-  const float* sc = W.scales + (t * nb + b0) * kTileN;
+  const uint16_t* sc = W.scales + (t * nb + b0) * kTileN;
   __m256 f[4][2];
   int64_t b = b0;
   if (b0 == 0) {  // block 0 starts the partial sums (the buffer is not cleared beforehand)
-    const __m256 sw0 = _mm256_loadu_ps(sc), sw1 = _mm256_loadu_ps(sc + 8);
+    const __m256 sw0 = scales8(sc), sw1 = scales8(sc + 8);
     for (int r = 0; r < 4; ++r) {
       f[r][0] = _mm256_mul_ps(sw0, _mm256_cvtepi32_ps(_mm256_madd_epi16(iacc[0][r][0], ones16)));
       f[r][1] = _mm256_mul_ps(sw1, _mm256_cvtepi32_ps(_mm256_madd_epi16(iacc[0][r][1], ones16)));
@@ -596,8 +601,8 @@ void strip4_onephase(const IntArgs& p, int64_t t, const int8_t* apack, const int
     }
   }
   for (; b < b1; ++b) {
-    const float* sw = sc + (b - b0) * kTileN;
-    const __m256 sw0 = _mm256_loadu_ps(sw), sw1 = _mm256_loadu_ps(sw + 8);
+    const uint16_t* sw = sc + (b - b0) * kTileN;
+    const __m256 sw0 = scales8(sw), sw1 = scales8(sw + 8);
     for (int r = 0; r < 4; ++r) {
       f[r][0] = _mm256_fmadd_ps(sw0, _mm256_cvtepi32_ps(_mm256_madd_epi16(iacc[b - b0][r][0], ones16)), f[r][0]);
       f[r][1] = _mm256_fmadd_ps(sw1, _mm256_cvtepi32_ps(_mm256_madd_epi16(iacc[b - b0][r][1], ones16)), f[r][1]);
@@ -673,12 +678,12 @@ void row1_tiles(const IntArgs& p, int64_t t, const int32_t* lpair, int64_t phase
   const int64_t Kp = W.Kp(), nb = W.n_blocks, gpb = W.block_size / kGroupK;
   const int64_t phases = kOnePhase ? 1 : gpb / phase_groups, tstride = (Kp / kGroupK) * 64;
   const uint8_t* const zps = W.zero_points;
-  const float* const scales = W.scales;
+  const uint16_t* const scales = W.scales;
   const int8_t* const aq = A.q;
   const uint8_t* td = W.data + t * tstride;
   const __m256i ones16 = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0F);
   // Prefetch in consumption order, kRow1PrefetchBytes ahead in each tile: pf_off bytes from each
-  // weight group, pf_soff floats from each block's scales (zero points: pf_soff bytes). Past the
+  // weight group, pf_soff fp16 scales from each block (zero points: pf_soff bytes). Past the
   // end of these tiles that is the same place in the next NT tiles, which the caller processes
   // next (a tile is only 4.6 KB at K = 576): the offsets grow by NT - 1 tiles at block wrap_b.
   const int64_t pf_blocks = std::max<int64_t>(1, kRow1PrefetchBytes / (gpb * 64));
@@ -749,9 +754,9 @@ void row1_tiles(const IntArgs& p, int64_t t, const int32_t* lpair, int64_t phase
       continue;
     }
     for (int i = 0; i < NT; ++i) {
-      const float* sw = scales + ((t + i) * nb + b) * kTileN;
-      facc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(sw), _mm256_cvtepi32_ps(d[i][0]), facc[i][0]);
-      facc[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(sw + 8), _mm256_cvtepi32_ps(d[i][1]), facc[i][1]);
+      const uint16_t* sw = scales + ((t + i) * nb + b) * kTileN;
+      facc[i][0] = _mm256_fmadd_ps(scales8(sw), _mm256_cvtepi32_ps(d[i][0]), facc[i][0]);
+      facc[i][1] = _mm256_fmadd_ps(scales8(sw + 8), _mm256_cvtepi32_ps(d[i][1]), facc[i][1]);
     }
   }
   if (p.dots) return;
@@ -952,7 +957,7 @@ void a16_few_rows(const float* ap, const float* asum, const float* rowinv, int64
       }
     }
     const int64_t sidx = (t * nb + b) * kTileN;
-    const __m256 sw0 = _mm256_loadu_ps(W.scales + sidx), sw1 = _mm256_loadu_ps(W.scales + sidx + 8);
+    const __m256 sw0 = scales8(W.scales + sidx), sw1 = scales8(W.scales + sidx + 8);
     __m256 z0 = _mm256_set1_ps(8.0f), z1 = z0;
     if (W.zero_points) {
       const __m128i z = _mm_loadu_si128(reinterpret_cast<const __m128i*>(W.zero_points + sidx));
@@ -991,7 +996,7 @@ void dequant_chunk(const PackedInt4& W, int64_t t, int64_t k0, int64_t k1, float
   const __m256i m4 = _mm256_set1_epi32(0xF);
   for (int64_t g = k0 / kGroupK; g < k1 / kGroupK; ++g) {
     const int64_t b = (g * kGroupK) / W.block_size, sidx = (t * nb + b) * kTileN;
-    const __m256 sw0 = _mm256_loadu_ps(W.scales + sidx), sw1 = _mm256_loadu_ps(W.scales + sidx + 8);
+    const __m256 sw0 = scales8(W.scales + sidx), sw1 = scales8(W.scales + sidx + 8);
     __m256 z0 = _mm256_set1_ps(8.0f), z1 = z0;
     if (W.zero_points) {
       const __m128i z = _mm_loadu_si128(reinterpret_cast<const __m128i*>(W.zero_points + sidx));

@@ -16,6 +16,11 @@ namespace llmfold {
 namespace avx512 {
 namespace {
 
+// A tile's 16 fp16 block scales as floats (vcvtph2ps; exact).
+inline __m512 scales16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
 inline int32_t load_i32(const void* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -97,7 +102,7 @@ void int_stream(const IntArgs& p, int64_t tb, int64_t te) {
       const int64_t sidx = (t * nb + b) * kTileN;
       _mm_prefetch(reinterpret_cast<const char*>(W.scales + sidx + kStreamAhead / 8), _MM_HINT_T0);
       const __m512i z = zp_epi32(W, sidx);
-      const __m512 sw = _mm512_loadu_ps(W.scales + sidx);
+      const __m512 sw = scales16(W.scales + sidx);
       for (int r = 0; r < R; ++r) {
         const __m512i d = _mm512_add_epi32(_mm512_add_epi32(l0[r], l1[r]),
                                            _mm512_srai_epi32(_mm512_add_epi32(h0[r], h1[r]), 4));
@@ -198,7 +203,7 @@ void int_strip(const IntArgs& p, const uint8_t* au, int64_t m0, int64_t t0, cons
       continue;
     }
     for (int j = 0; j < T; ++j) {
-      const __m512 sw = _mm512_loadu_ps(W.scales + ((t0 + j) * nb + b) * kTileN);
+      const __m512 sw = scales16(W.scales + ((t0 + j) * nb + b) * kTileN);
       for (int r = 0; r < R; ++r) f[r][j] = _mm512_fmadd_ps(sw, _mm512_cvtepi32_ps(acc[r][j]), f[r][j]);
     }
   }
@@ -351,7 +356,7 @@ void a16_few_rows(const float* ap, const float* asum, const float* rowinv, const
       }
     }
     const int64_t sidx = (t * nb + b) * kTileN;
-    const __m512 sw = _mm512_loadu_ps(W.scales + sidx);
+    const __m512 sw = scales16(W.scales + sidx);
     const __m512 z = W.zero_points ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
                                          _mm_loadu_si128(reinterpret_cast<const __m128i*>(W.zero_points + sidx))))
                                    : _mm512_set1_ps(8.0f);
@@ -387,7 +392,7 @@ void dequant_panel(const PackedInt4& W, int64_t t0, int64_t k0, int64_t k1, floa
     const uint8_t* tdata = W.data + t * (Kp / kGroupK) * 64;
     for (int64_t g = k0 / kGroupK; g < k1 / kGroupK; ++g) {
       const int64_t b = (g * kGroupK) / W.block_size, sidx = (t * nb + b) * kTileN;
-      const __m512 sw = _mm512_loadu_ps(W.scales + sidx);
+      const __m512 sw = scales16(W.scales + sidx);
       const __m512 z = _mm512_cvtepi32_ps(zp_epi32(W, sidx));
       const __m512i v = _mm512_loadu_si512(tdata + g * 64);
       float* dst = panel + ((g * kGroupK - k0) * T + j) * kTileN;

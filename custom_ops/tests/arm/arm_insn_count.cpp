@@ -28,7 +28,7 @@ int main(int argc, char** argv) {
   std::mt19937 rng(7);
   std::vector<uint8_t> data(nt * (Kp / 8) * 64);
   for (auto& b : data) b = static_cast<uint8_t>(rng());
-  std::vector<float> scales(nt * nb * 16, 0.01f);
+  std::vector<uint16_t> scales(nt * nb * 16, float_to_half(0.01f));
   std::vector<int8_t> q(M * Kp);
   const int qmax = act_bits == 4 ? 7 : 127;
   for (auto& x : q) x = static_cast<int8_t>(static_cast<int>(rng() % (2 * qmax + 1)) - qmax);

@@ -73,7 +73,7 @@ struct Weights {
   bool has_zp;
   std::vector<int> q;  // logical [Kp][Np]
   Guarded<uint8_t>* data = nullptr;
-  Guarded<float>* scales = nullptr;
+  Guarded<uint16_t>* scales = nullptr;  // fp16 bits
   Guarded<uint8_t>* zps = nullptr;
   PackedInt4 view() const {
     return PackedInt4{data->p, scales->p, has_zp ? zps->p : nullptr, K, N, bs, nb, nt};
@@ -125,12 +125,12 @@ Weights* make_weights(std::mt19937& rng, int64_t K, int64_t N, int64_t bs, bool 
           w->data->p[(t * (w->Kp / 8) + g) * 64 + 4 * c + j] = static_cast<uint8_t>(
               w->q[(k0 + j) * w->Np + n] | (w->q[(k0 + 4 + j) * w->Np + n] << 4));
         }
-  w->scales = new Guarded<float>(w->nt * w->nb * 16);
+  w->scales = new Guarded<uint16_t>(w->nt * w->nb * 16);
   w->zps = new Guarded<uint8_t>(w->nt * w->nb * 16);
   for (int64_t t = 0; t < w->nt; ++t)
     for (int64_t b = 0; b < w->nb; ++b)
       for (int c = 0; c < 16; ++c) {
-        w->scales->p[(t * w->nb + b) * 16 + c] = sc[b * w->Np + 16 * t + c];
+        w->scales->p[(t * w->nb + b) * 16 + c] = float_to_half(sc[b * w->Np + 16 * t + c]);
         w->zps->p[(t * w->nb + b) * 16 + c] = static_cast<uint8_t>(zp[b * w->Np + 16 * t + c]);
       }
   return w;
@@ -263,7 +263,7 @@ void run_case(std::mt19937& rng, const Case& c, const std::vector<const KernelTa
                 const int64_t dd = rd[(m * nb + b) * Np + n] -
                                    (c.zp ? w->zps->p[((n / 16) * nb + b) * 16 + n % 16] : 8) *
                                        rq.bsum.p[m * nb + b];
-                mag += std::fabs(static_cast<double>(w->scales->p[((n / 16) * nb + b) * 16 + n % 16]) * dd);
+                mag += std::fabs(static_cast<double>(half_to_float(w->scales->p[((n / 16) * nb + b) * 16 + n % 16])) * dd);
               }
               mag *= std::fabs(rq.scale.p[m]);
               const double tol = 2e-6 * mag + (bp ? 1e-6 * std::fabs(bp[n]) : 0.0) + 1e-30;
@@ -296,7 +296,7 @@ void run_case(std::mt19937& rng, const Case& c, const std::vector<const KernelTa
             const int64_t b = k / c.bs;
             const int zp = c.zp ? w->zps->p[((n / 16) * nb + b) * 16 + n % 16] : 8;
             mag += std::fabs(static_cast<double>(Ap.p[m * Kp + k]) *
-                             w->scales->p[((n / 16) * nb + b) * 16 + n % 16] * (w->q[k * Np + n] - zp));
+                             half_to_float(w->scales->p[((n / 16) * nb + b) * 16 + n % 16]) * (w->q[k * Np + n] - zp));
           }
           CHECK(close(got, want, 1e-5 * mag + 1e-30), "%s gemm_a16 m%ld n%ld got %.9g want %.9g",
                 P.name, (long)m, (long)n, got, want);
