@@ -25,6 +25,9 @@ OPSET_VERSION = 1
 TILE_N = 16  # output columns per packed tile
 GROUP_K = 8  # k values per 64-byte packed group
 SCALE_DTYPE = np.float16  # block scales are stored as IEEE binary16 (half the bytes of float32)
+# llmfold.json "packed_layout" of compiled models: 2 = fp16 block scales (2026-12-07); models
+# without it hold float32 scales, which the op refuses (compiler.runtime says to recompile).
+PACKED_LAYOUT = 2
 FP16_MAX = 65504.0
 LIB_ENV = "LLMFOLD_OPS_LIB"
 LIB_NAME = "libllmfold_ops.so"

@@ -265,6 +265,11 @@ def compile_model(
         ]
         meta["recipe"] = recipe.to_json() | {"seed": seed, "calibration_text": str(calib) if calib else None}
         meta["custom_ops_library"] = "libllmfold_ops.so" if _uses_custom_ops(model) else None
+        meta.pop("packed_layout", None)
+        if _uses_custom_ops(model):
+            from compiler.custom_ops import PACKED_LAYOUT
+
+            meta["packed_layout"] = PACKED_LAYOUT
         if any(r.get("kv_cache") == "per-layer" for r in ctx.records):
             meta["kv_cache"] = "per-layer"
         from compiler.genai_config import genai_files

@@ -256,6 +256,7 @@ class LanguageModel:
         self.kv_cache = self.meta.get("kv_cache", "uniform")
         self.threads = threads
         self.custom_ops = bool(self.meta.get("custom_ops_library"))
+        check_packed_layout(self.meta, self.dir.path)
         self.session = create_session(self.dir.onnx_path, threads, self.custom_ops)
         hf = {}
         cfg = Path(self.dir.path) / "config.json"
@@ -477,6 +478,16 @@ class LanguageModel:
         if keep_logits:
             out["logits"] = np.stack(kept)
         return out
+
+
+def check_packed_layout(meta: dict, where) -> None:
+    """UserError when a compiled model's QMatMul weights use a packed layout this llmfold's op
+    library no longer reads (before fp16 block scales: no "packed_layout" in llmfold.json)."""
+    from compiler.custom_ops import PACKED_LAYOUT
+
+    if meta.get("custom_ops_library") and meta.get("passes") and meta.get("packed_layout", 1) != PACKED_LAYOUT:
+        raise UserError(f"{where} was compiled with packed layout {meta.get('packed_layout', 1)} (float32 block scales); "
+                        f"this llmfold reads layout {PACKED_LAYOUT} (float16 scales): compile it again with llmfold compile")
 
 
 def open_session(model_dir, threads: int | None = None) -> LanguageModel:

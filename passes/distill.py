@@ -39,6 +39,7 @@ import onnx_ir as ir
 
 from compiler.errors import UserError
 from passes._weights import get_weight, node_by_name
+from passes.int4 import stored_scales
 from passes.base import CompilerPass
 
 # Largest mean KL(ONNX Runtime ‖ torch) per token, in nats, accepted between the graph and its torch
@@ -98,7 +99,10 @@ class NodeLinear:
             self.inv_shift = torch.from_numpy(np.exp2(-np.asarray(arrays["channel_shift"], np.float32)))
 
     def scales(self):
-        return self.s0 * (1 + self.delta)
+        # the values QMatMul will store (float16), with straight-through gradients, so training and
+        # the held-out choice see the deployed weights
+        s = self.s0 * (1 + self.delta)
+        return s + (stored_scales(s) - s).detach()
 
     def weight(self):
         if self.q is None:

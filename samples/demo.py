@@ -41,6 +41,7 @@ def main() -> int:
 
     import shutil
 
+    from compiler.custom_ops import PACKED_LAYOUT
     from compiler.driver import compile_model
     from compiler.export import DEFAULT_ATTENTION, GRAPH_VERSION, export
     from compiler.recipe import load_recipe
@@ -61,7 +62,9 @@ def main() -> int:
         shutil.rmtree(fp32)
         shutil.rmtree(compiled, ignore_errors=True)
     want = json.loads(json.dumps(load_recipe(recipe).to_json()))
-    if meta(compiled) and {k: v for k, v in meta(compiled).get("recipe", {}).items() if k in want} != want:
+    if meta(compiled) and ({k: v for k, v in meta(compiled).get("recipe", {}).items() if k in want} != want
+                           or (meta(compiled).get("custom_ops_library")
+                               and meta(compiled).get("packed_layout", 1) != PACKED_LAYOUT)):
         shutil.rmtree(compiled)
     if not (fp32 / "llmfold.json").exists():
         console.rule("export smollm2-135m")

@@ -100,6 +100,22 @@ def tiny_w4a8_dir(tiny_model_dir, tmp_path_factory):
     return compile_model(tiny_model_dir, tmp / "w4a8", recipe=str(_w4a8_recipe(tmp / "w4a8.toml")), progress=False)
 
 
+def test_compiled_model_records_its_packed_layout(tiny_w4a8_dir, tmp_path):
+    """A compile with QMatMul records packed_layout 2 (fp16 scales); a model without it (compiled
+    with float32 scales before) is refused when opened, with the fix, not at the first op run."""
+    from compiler import runtime
+    from compiler.custom_ops import PACKED_LAYOUT
+    from compiler.errors import UserError
+
+    meta = json.loads((tiny_w4a8_dir / "llmfold.json").read_text())
+    assert meta["packed_layout"] == PACKED_LAYOUT == 2
+    d = _copy(tiny_w4a8_dir, tmp_path / "old")
+    del meta["packed_layout"]
+    (d / "llmfold.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="compiled with packed layout 1 .float32 block scales.*compile it again"):
+        runtime.open_session(d, threads=1)
+
+
 def test_genai_w4a8_custom_ops(tiny_w4a8_dir, tmp_path):
     from compiler.genai_config import write_genai_config
 

@@ -4,7 +4,7 @@
 // runtime's own per-call floor. Thread CPU time, medians of several rounds.
 //   llmfold_op_overhead LIBONNXRUNTIME.so LIBLLMFOLD_OPS.so MODEL.onnx B.bin S.bin K N act_bits [M]
 // MODEL.onnx is a QMatMul model (block 32, no zero points) whose packed B/scales are B.bin/S.bin
-// (raw bytes / float32 in the packed layout), e.g. written with compiler.custom_ops.pack_int4_blocks.
+// (raw bytes / float16 in the packed layout), e.g. written with compiler.custom_ops.pack_int4_blocks.
 // Built with the kernels (target llmfold_op_overhead, EXCLUDE_FROM_ALL); ORT is loaded with dlopen.
 #include <dlfcn.h>
 #include <time.h>
@@ -75,7 +75,7 @@ int main(int argc, char** argv) {
   const int64_t M = argc > 9 ? std::atoll(argv[9]) : 1;
   const int64_t bs = 32, nb = (K + bs - 1) / bs, Kp = nb * bs, nt = (N + 15) / 16;
   std::vector<uint8_t> B = read_file<uint8_t>(argv[4]);
-  std::vector<float> S = read_file<float>(argv[5]);
+  std::vector<uint16_t> S = read_file<uint16_t>(argv[5]);  // fp16 bits
   if (static_cast<int64_t>(B.size()) != nt * Kp / 8 * 64 || static_cast<int64_t>(S.size()) != nt * nb * 16) {
     std::fprintf(stderr, "B.bin/S.bin sizes do not match K=%lld N=%lld block 32\n", (long long)K, (long long)N);
     return 1;
