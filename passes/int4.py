@@ -949,6 +949,7 @@ class Int4Pass(CompilerPass):
         from compiler.custom_ops import pack_int4_blocks
 
         self._pack = pack_int4_blocks
+        self._tiny_scales: dict[str, int] = {}  # layer → scales in float16's subnormal range
         model.opset_imports[CUSTOM_DOMAIN] = 1
         t0 = time.perf_counter()
         self._timing = {"calibration": 0.0, "quantize": 0.0, "trip": 0.0}
@@ -972,6 +973,11 @@ class Int4Pass(CompilerPass):
             mean_rel_output_error=round(float(np.mean(errors)), 6) if errors else None,
             layers=per_layer,
         )
+        if self._tiny_scales:  # fewer significant bits there (2^-24 steps): say where
+            worst = sorted(self._tiny_scales.items(), key=lambda kv: -kv[1])[:3]
+            self.ctx.log(f"{sum(self._tiny_scales.values())} block scales in {len(self._tiny_scales)} layer(s) are below "
+                         f"float16's normal range (2^-14) and keep fewer than 11 significant bits: "
+                         + ", ".join(f"{k} ({v})" for k, v in worst))
         # timings go to the log, not the record: the same inputs and seed give identical files
         t = self._timing
         self.ctx.log(
@@ -1114,7 +1120,13 @@ class Int4Pass(CompilerPass):
                  hadamard: int = 0) -> None:
         """MatMul(X, W) → QMatMul(X, data, scales, zero_points?, bias=None, channel_shift?)."""
         graph = model.graph
-        packed = self._pack(qw.q, qw.scales, qw.zero_points, qw.block_size)
+        try:
+            packed = self._pack(qw.q, qw.scales, qw.zero_points, qw.block_size)
+        except ValueError as e:  # scales beyond float16: weights of magnitude > 7·65504
+            raise UserError(f"int4: {u.name}: {e}") from None
+        tiny = int(((np.abs(qw.scales) < 2.0**-14) & (qw.scales != 0)).sum())
+        if tiny:
+            self._tiny_scales[u.name] = tiny
 
         def init(suffix: str, arr: np.ndarray) -> ir.Value:
             name = f"{u.base}.{suffix}"

@@ -816,3 +816,24 @@ def test_layers_sharing_an_input_quantize_as_one_matrix(algorithm):
         np.testing.assert_allclose(alone.scales, part.scales, rtol=1e-5)
         np.testing.assert_array_equal(alone.zero_points, part.zero_points)
         np.testing.assert_allclose(part.dequantize(), alone.dequantize(), atol=1e-5 * np.abs(W).max())
+
+
+def test_weights_beyond_fp16_block_scales_are_a_user_error(tiny_model_dir, tmp_path, calib_file):
+    """The packed layout stores float16 block scales: a weight block whose scale would exceed
+    65504 stops the compile with the layer's name, and nothing is written."""
+    import shutil
+
+    import onnx_ir as ir
+
+    from passes._weights import get_weight, set_weight
+
+    _library_or_skip()
+    src = tmp_path / "huge"
+    shutil.copytree(tiny_model_dir, src)
+    model = ir.load(str(src / "model.onnx"))
+    name = next(k for k in model.graph.initializers if "layers.1." in k and "down" in k and k.endswith("weight"))
+    set_weight(model, name, get_weight(model, name) * 1e9)
+    ir.save(model, str(src / "model.onnx"))
+    with pytest.raises(UserError, match=r"int4: layers\.1\.down: block scales: .* exceed float16's range"):
+        compile_tiny(src, tmp_path, "huge_out", calib_file, block_size=32, algorithm="rtn")
+    assert not (tmp_path / "huge_out").exists()
