@@ -379,8 +379,10 @@ def fake_quant_weight(W, block_size: int, symmetric: bool, clip=None):
         scale = (mx - mn) / 15.0
     if clip is not None:
         scale = scale * clip
-    # stored as QMatMul stores it (float16; the cast passes gradients through)
-    scale = stored_scales(torch.where(scale > 0, scale, torch.ones_like(scale))).unsqueeze(1)
+    # stored as QMatMul stores it (float16), straight through: the gradient stays in float32 (through
+    # the cast itself it would be rounded to float16, and small ones would flush to zero)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = (scale + (stored_scales(scale.detach()) - scale.detach())).unsqueeze(1)
     if symmetric:
         zero = torch.full_like(scale, 8.0)
     else:

@@ -102,7 +102,7 @@ class NodeLinear:
         # the values QMatMul will store (float16), with straight-through gradients, so training and
         # the held-out choice see the deployed weights
         s = self.s0 * (1 + self.delta)
-        return s + (stored_scales(s) - s).detach()
+        return s + (stored_scales(s.detach()) - s.detach())
 
     def weight(self):
         if self.q is None:
