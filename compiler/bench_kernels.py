@@ -5,8 +5,9 @@ same intra-op threads; medians.
 The 4-bit weights come from ``MatMulNBitsQuantizer`` (symmetric, block 32); QMatMul runs exactly
 those codes repacked into llmfold's layout, with the scales rounded to float16 (the layout's scale
 type; MatMulNBits keeps float32 ones). ``weight_gb_s`` counts the weight bytes a kernel must stream:
-K*N/2 for the 4-bit kernels (scales excluded, as in the issue's reference numbers), K*N*4 for fp32. The read bandwidth is the best of several ORT ReduceSum passes over a
-256 MB float tensor with the same threads.
+K*N/2 for the 4-bit kernels (scales excluded, as in the issue's reference numbers), K*N*4 for fp32.
+The read bandwidth is the best of several ORT ReduceSum passes over a 256 MB float tensor with the
+same threads.
 
 Clock: with 1 thread (the default) the calling thread's CPU time, which ORT spends entirely in the
 op, so other processes sharing the cores do not inflate the numbers; with more threads, wall time.

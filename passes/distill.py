@@ -39,8 +39,8 @@ import onnx_ir as ir
 
 from compiler.errors import UserError
 from passes._weights import get_weight, node_by_name
-from passes.int4 import stored_scales
 from passes.base import CompilerPass
+from passes.int4 import stored_scales
 
 # Largest mean KL(ONNX Runtime ‖ torch) per token, in nats, accepted between the graph and its torch
 # reconstruction with float activations (see DistillPass._check_reconstruction). Measured ~1e-8 on SmolLM2

@@ -410,7 +410,7 @@ int main(int argc, char** argv) {
   std::printf("active kernels: %s\n", active_kernels().name);
 #if defined(__x86_64__)
   const char* compiled[] = {"avx512vnni", "avx2"};
-  const char* need[] = {"AVX512-VNNI", "AVX2+FMA"};
+  const char* need[] = {"AVX512-VNNI", "AVX2+FMA+F16C"};
 #elif defined(__aarch64__) && defined(LLMFOLD_HAVE_ARM_KERNELS)
   const char* compiled[] = {"i8mm", "dotprod", "neon"};
   const char* need[] = {"i8mm", "dotprod", "NEON"};
