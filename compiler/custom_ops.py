@@ -97,22 +97,15 @@ def round_scales(scales: np.ndarray) -> np.ndarray:
     scale would turn its codes into NaN for the quantizers that divide by it). Raises ValueError
     for a non-finite scale or one beyond float16's range (|s| > 65504)."""
     s = np.asarray(scales, dtype=np.float32)
-    check_scale_range(s)
-    with np.errstate(over="ignore"):
-        r = s.astype(np.float16).astype(np.float32)
-    tiny = (r == 0) & (s != 0)
-    return np.where(tiny, np.copysign(np.float32(2.0**-24), s), r).astype(np.float32)
-
-
-def check_scale_range(scales: np.ndarray, what: str = "block scales") -> None:
-    """ValueError naming the worst scale when some scale is not finite or exceeds float16's range."""
-    s = np.asarray(scales, dtype=np.float32)
     bad = ~np.isfinite(s) | (np.abs(s) > FP16_MAX)
     if bad.any():
         i = np.unravel_index(int(np.argmax(bad)), s.shape)
-        raise ValueError(f"{what}: {int(bad.sum())} value(s) are not finite or exceed float16's range ±{FP16_MAX:g} "
+        raise ValueError(f"block scales: {int(bad.sum())} value(s) are not finite or exceed float16's range ±{FP16_MAX:g} "
                          f"(e.g. {float(s[i]):g} at index {tuple(int(x) for x in i)}); the packed layout stores "
                          "fp16 scales, so weights this large cannot be packed")
+    r = s.astype(np.float16).astype(np.float32)
+    tiny = (r == 0) & (s != 0)
+    return np.where(tiny, np.copysign(np.float32(2.0**-24), s), r).astype(np.float32)
 
 
 def pack_int4_blocks(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, block_size: int) -> dict:

@@ -249,7 +249,8 @@ def compile_model(
         ctx.current_pass = None
         structure = ctx.structure(model)  # the output must still be a recognizable decoder
 
-        if _uses_custom_ops(model):
+        uses_custom_ops = _uses_custom_ops(model)
+        if uses_custom_ops:
             model.opset_imports[CUSTOM_DOMAIN] = 1
         meta = dict(src.meta)
         meta["structure"] = structure.to_json()
@@ -264,9 +265,9 @@ def compile_model(
             for spec, (_, _t, modified) in zip(recipe.passes, timings)
         ]
         meta["recipe"] = recipe.to_json() | {"seed": seed, "calibration_text": str(calib) if calib else None}
-        meta["custom_ops_library"] = "libllmfold_ops.so" if _uses_custom_ops(model) else None
+        meta["custom_ops_library"] = "libllmfold_ops.so" if uses_custom_ops else None
         meta.pop("packed_layout", None)
-        if _uses_custom_ops(model):
+        if uses_custom_ops:
             from compiler.custom_ops import PACKED_LAYOUT
 
             meta["packed_layout"] = PACKED_LAYOUT

@@ -480,12 +480,20 @@ class LanguageModel:
         return out
 
 
-def check_packed_layout(meta: dict, where) -> None:
-    """UserError when a compiled model's QMatMul weights use a packed layout this llmfold's op
-    library no longer reads (before fp16 block scales: no "packed_layout" in llmfold.json)."""
+def stale_packed_layout(meta: dict) -> bool:
+    """Whether a compiled model's QMatMul weights use a packed layout this llmfold's op library no
+    longer reads (before fp16 block scales: no "packed_layout" in llmfold.json)."""
     from compiler.custom_ops import PACKED_LAYOUT
 
-    if meta.get("custom_ops_library") and meta.get("passes") and meta.get("packed_layout", 1) != PACKED_LAYOUT:
+    return bool(meta.get("custom_ops_library") and meta.get("passes")
+                and meta.get("packed_layout", 1) != PACKED_LAYOUT)
+
+
+def check_packed_layout(meta: dict, where) -> None:
+    """UserError naming the fix when :func:`stale_packed_layout`."""
+    from compiler.custom_ops import PACKED_LAYOUT
+
+    if stale_packed_layout(meta):
         raise UserError(f"{where} was compiled with packed layout {meta.get('packed_layout', 1)} (float32 block scales); "
                         f"this llmfold reads layout {PACKED_LAYOUT} (float16 scales): compile it again with llmfold compile")
 

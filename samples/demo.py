@@ -41,11 +41,10 @@ def main() -> int:
 
     import shutil
 
-    from compiler.custom_ops import PACKED_LAYOUT
     from compiler.driver import compile_model
     from compiler.export import DEFAULT_ATTENTION, GRAPH_VERSION, export
     from compiler.recipe import load_recipe
-    from compiler.runtime import evaluate, generate
+    from compiler.runtime import evaluate, generate, stale_packed_layout
     from compiler.textdata import default_eval_text
 
     console = Console()
@@ -63,8 +62,7 @@ def main() -> int:
         shutil.rmtree(compiled, ignore_errors=True)
     want = json.loads(json.dumps(load_recipe(recipe).to_json()))
     if meta(compiled) and ({k: v for k, v in meta(compiled).get("recipe", {}).items() if k in want} != want
-                           or (meta(compiled).get("custom_ops_library")
-                               and meta(compiled).get("packed_layout", 1) != PACKED_LAYOUT)):
+                           or stale_packed_layout(meta(compiled))):
         shutil.rmtree(compiled)
     if not (fp32 / "llmfold.json").exists():
         console.rule("export smollm2-135m")

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "kernels.h"
 
@@ -76,6 +77,17 @@ inline uint16_t float_to_half(float f) {
   }
   const uint32_t r = x - (112u << 23);  // rebias 127 -> 15, then round 23 -> 10 mantissa bits
   return sign | static_cast<uint16_t>((r + 0xFFFu + ((r >> 13) & 1u)) >> 13);
+}
+
+// n elements of v (grown as needed) from a 64-byte boundary: a load that straddles two cache
+// lines costs two. The x86 paths keep per-thread scratch this way; the benchmarks place the packed
+// weights this way, as ONNX Runtime places initializers.
+template <typename T>
+T* scratch(std::vector<T>& v, size_t n) {
+  const size_t pad = 64 / sizeof(T);
+  if (v.size() < n + pad) v.resize(n + pad);
+  const uintptr_t a = reinterpret_cast<uintptr_t>(v.data());
+  return reinterpret_cast<T*>((a + 63) & ~uintptr_t{63});
 }
 
 inline float shift_factor(uint8_t s) {  // exact 2^-s for s in [0, 15]

@@ -33,8 +33,8 @@ int main(int argc, char** argv) {
   // 64-byte aligned, as ONNX Runtime places initializers: a large std::vector comes from mmap at a
   // page + 16 bytes, where every 64-byte weight load straddles two cache lines (which made the
   // M = 1 loop look load-bound here and not in ORT).
-  std::vector<uint8_t> data_store(static_cast<size_t>(copies * nt * Kp / 8 * 64) + 64);
-  uint8_t* const data = data_store.data() + (64 - reinterpret_cast<uintptr_t>(data_store.data()) % 64) % 64;
+  std::vector<uint8_t> data_store;
+  uint8_t* const data = scratch(data_store, static_cast<size_t>(copies * nt * Kp / 8 * 64));
   for (int64_t i = 0; i < copies * nt * Kp / 8 * 64; ++i) data[i] = static_cast<uint8_t>(rng());
   std::vector<uint16_t> scales(static_cast<size_t>(copies * nt * nb * 16), float_to_half(0.01f));
   std::vector<float> A(static_cast<size_t>(M * Kp)), C(static_cast<size_t>(M * N));

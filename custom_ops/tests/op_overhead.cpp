@@ -23,6 +23,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include "kernels.h"
+#include "paths.h"
 
 using namespace llmfold;
 
@@ -77,8 +78,8 @@ int main(int argc, char** argv) {
   std::vector<uint8_t> B = read_file<uint8_t>(argv[4]);
   // the kernel-only timing reads a 64-byte aligned copy, as ORT places initializers (a large
   // std::vector sits at a page + 16 bytes: every 64-byte load would straddle two lines)
-  std::vector<uint8_t> B_store(B.size() + 64);
-  uint8_t* const Ba = B_store.data() + (64 - reinterpret_cast<uintptr_t>(B_store.data()) % 64) % 64;
+  std::vector<uint8_t> B_store;
+  uint8_t* const Ba = scratch(B_store, B.size());
   std::copy(B.begin(), B.end(), Ba);
   std::vector<uint16_t> S = read_file<uint16_t>(argv[5]);  // fp16 bits
   if (static_cast<int64_t>(B.size()) != nt * Kp / 8 * 64 || static_cast<int64_t>(S.size()) != nt * nb * 16) {

@@ -79,16 +79,6 @@ inline void load_bias(const float* bias, int64_t n0, int64_t n, __m256& b0, __m2
   }
 }
 
-// Per-thread scratch of n elements, 64-byte aligned (the micro-kernels load 32-byte halves of
-// 64-byte rows: an unaligned base would split every other load across cache lines).
-template <typename T>
-T* scratch(std::vector<T>& v, size_t n) {
-  const size_t pad = 64 / sizeof(T);
-  if (v.size() < n + pad) v.resize(n + pad);
-  const uintptr_t a = reinterpret_cast<uintptr_t>(v.data());
-  return reinterpret_cast<T*>((a + 63) & ~uintptr_t{63});
-}
-
 // ------------------------------------------------------------------------------------------------
 // Activation quantization (same rule as ref, see paths.h).
 void quantize_rows(const float* A, int64_t lda, int64_t K, int64_t m_begin, int64_t m_end,

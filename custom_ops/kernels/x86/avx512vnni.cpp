@@ -29,15 +29,6 @@ inline int32_t load_i32(const void* p) {
 
 inline __mmask16 col_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
 
-// Per-thread scratch, 64-byte aligned: a ZMM load that straddles two cache lines costs two.
-template <typename T>
-T* scratch(std::vector<T>& v, size_t n) {
-  const size_t pad = 64 / sizeof(T);
-  if (v.size() < n + pad) v.resize(n + pad);
-  const uintptr_t p = reinterpret_cast<uintptr_t>(v.data());
-  return reinterpret_cast<T*>((p + 63) & ~uintptr_t(63));
-}
-
 // ---- Integer activations -------------------------------------------------------------------
 // Few rows (M <= 3, decode): stream the packed weights once (int_stream). Nibbles are isolated
 // with one AND each: the high one stays multiplied by 16 (v & 0xF0), its chains sum 16·Σq·a
