@@ -24,7 +24,8 @@ a value r, possibly with a pending sublayer output s not yet added (r + s):
 
 A linear layer is recognized by what it computes, not by its name: a MatMul whose second input
 is a 2-D initializer [K, N] (dense), a MatMul [K, r] whose only consumer is a MatMul [r, N] with
-r < min(K, N) (low-rank), a `llmfold.QMatMul` (int4; attributes K, N, block_size, act_bits), or
+r < min(K, N) (low-rank), a `llmfold.PackedMatMul` (dense, float weights in tiles; attributes K, N),
+a `llmfold.QMatMul` (int4; attributes K, N, block_size, act_bits), or
 a `com.microsoft.MatMulNBits` (attributes K, N, bits, block_size). Every linear-like node that
 could not be placed, and every step that failed, is listed in `unrecognized`; nothing is guessed.
 """
@@ -116,13 +117,17 @@ class _LinearMatch:
 
 
 def _single_linear(node: ir.Node) -> _LinearMatch | None:
-    """One node computing X·W: a MatMul with a constant 2-D weight, a QMatMul or a MatMulNBits."""
+    """One node computing X·W: a MatMul with a constant 2-D weight, a PackedMatMul, a QMatMul or a
+    MatMulNBits."""
     if is_onnx_op(node, "MatMul") and len(node.inputs) == 2:
         x, w = node.inputs
         shape = const_shape(w)
         if x is None or is_const(x) or shape is None or len(shape) != 2:
             return None
         return _LinearMatch(node, [node], x, node.outputs[0], shape[0], shape[1], "dense", weight=w.name)
+    if node.op_type == "PackedMatMul" and node.domain == "llmfold" and len(node.inputs) >= 2:
+        a = node.attributes  # float weights in 16-column tiles (passes/packed_matmul.py): dense
+        return _LinearMatch(node, [node], node.inputs[0], node.outputs[0], a.get_int("K"), a.get_int("N"), "dense")
     if node.op_type == "QMatMul" and node.domain == "llmfold":
         a = node.attributes
         return _LinearMatch(node, [node], node.inputs[0], node.outputs[0], a.get_int("K"), a.get_int("N"),

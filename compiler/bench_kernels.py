@@ -1,11 +1,12 @@
 """``llmfold bench-kernels``: QMatMul (A16/A8/A4) against ONNX Runtime's MatMulNBits (block 32,
-accuracy_level 4 and 0) and fp32 MatMul on the same weights, in one process, interleaved, with the
-same intra-op threads; medians.
+accuracy_level 4 and 0) and fp32 MatMul on the same weights, and PackedMatMul (float32 tiles)
+against that fp32 MatMul, in one process, interleaved, with the same intra-op threads; medians.
 
 The 4-bit weights come from ``MatMulNBitsQuantizer`` (symmetric, block 32); QMatMul runs exactly
 those codes repacked into llmfold's layout, with the scales rounded to float16 (the layout's scale
 type; MatMulNBits keeps float32 ones). ``weight_gb_s`` counts the weight bytes a kernel must stream:
-K*N/2 for the 4-bit kernels (scales excluded, as in the issue's reference numbers), K*N*4 for fp32.
+K*N/2 for the 4-bit kernels (scales excluded, as in the issue's reference numbers), K*N*4 for fp32
+and packed-f32.
 The read bandwidth is the best of several ORT ReduceSum passes over a 256 MB float tensor with the
 same threads.
 
@@ -27,7 +28,7 @@ from . import custom_ops as co
 SHAPES = [(576, 1536), (1536, 576), (576, 576), (4096, 4096), (4096, 11008)]
 MS = [1, 128]
 BLOCK = 32
-KERNELS = ["qmatmul-a16", "qmatmul-a8", "qmatmul-a4", "matmulnbits-acc4", "matmulnbits-acc0", "fp32"]
+KERNELS = ["qmatmul-a16", "qmatmul-a8", "qmatmul-a4", "matmulnbits-acc4", "matmulnbits-acc0", "fp32", "packed-f32"]
 
 
 def _model(nodes, inits, K, N):
@@ -83,6 +84,14 @@ def _qmatmul_model(q: np.ndarray, scales: np.ndarray, act_bits: int):
     p = co.pack_int4_blocks(q, scales, None, BLOCK)
     inits = [numpy_helper.from_array(p["data"], "B"), numpy_helper.from_array(p["scales"], "S")]
     return _model([co.make_qmatmul_node(["A", "B", "S"], "Y", K, N, BLOCK, act_bits)], inits, K, N)
+
+
+def _packed_f32_model(W: np.ndarray):
+    from onnx import numpy_helper
+
+    K, N = W.shape
+    node = co.make_packed_matmul_node(["A", "B"], "Y", K, N)
+    return _model([node], [numpy_helper.from_array(co.pack_float_tiles(W), "B")], K, N)
 
 
 def _clock(threads: int):
@@ -156,7 +165,7 @@ def measure(threads: int, shapes=SHAPES, ms=MS, rounds: int = 7, min_sample_s: f
         fp32, acc4, acc0, q, scales = _nbits_models(W)
         models = {"qmatmul-a16": _qmatmul_model(q, scales, 16), "qmatmul-a8": _qmatmul_model(q, scales, 8),
                   "qmatmul-a4": _qmatmul_model(q, scales, 4), "matmulnbits-acc4": acc4, "matmulnbits-acc0": acc0,
-                  "fp32": fp32}
+                  "fp32": fp32, "packed-f32": _packed_f32_model(W)}
         so = co.make_session_options(threads)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         for M in ms:
@@ -168,6 +177,11 @@ def measure(threads: int, shapes=SHAPES, ms=MS, rounds: int = 7, min_sample_s: f
             ref, nb = runners["qmatmul-a16"].output(), runners["matmulnbits-acc0"].output()
             if not np.allclose(ref, nb, rtol=1e-3, atol=1e-3 * float(np.abs(nb).max())):
                 raise RuntimeError(f"QMatMul A16 and MatMulNBits disagree at K={K} N={N} M={M}")
+            runners["fp32"].run(1)
+            runners["packed-f32"].run(1)
+            f, p = runners["fp32"].output(), runners["packed-f32"].output()
+            if not np.allclose(f, p, rtol=1e-5, atol=1e-5 * float(np.abs(f).max())):
+                raise RuntimeError(f"PackedMatMul and MatMul disagree at K={K} N={N} M={M}")
             inner = {}
             for k, r in runners.items():  # warm up and size the inner loops
                 t = r.run(2)
@@ -182,7 +196,7 @@ def measure(threads: int, shapes=SHAPES, ms=MS, rounds: int = 7, min_sample_s: f
                     samples[k].append(runners[k].run(inner[k]))
             for k in KERNELS:
                 med = statistics.median(samples[k])
-                wbytes = K * N * (4 if k == "fp32" else 0.5)
+                wbytes = K * N * (4 if k in ("fp32", "packed-f32") else 0.5)
                 rows.append(dict(K=K, N=N, M=M, threads=threads, kernel=k, median_us=round(med * 1e6, 2),
                                  weight_gb_s=round(wbytes / med / 1e9, 3)))
             del runners
@@ -202,19 +216,22 @@ def print_table(result: dict, console=None) -> None:
     by = {(r["K"], r["N"], r["M"], r["kernel"]): r for r in rows}
     threads = rows[0]["threads"] if rows else 0
     t = Table(title=f"bench-kernels: median us per call, {threads} thread(s); read bandwidth {bw:.1f} GB/s")
-    for col in ["K x N", "M", "a8", "a4", "a16", "nbits acc4", "nbits acc0", "fp32", "acc4/a8", "acc4/a4",
-                "acc0/a16", "a8 GB/s", "a8 % bw"]:
+    for col in ["K x N", "M", "a8", "a4", "a16", "nbits acc4", "nbits acc0", "fp32", "packed", "acc4/a8", "acc4/a4",
+                "acc0/a16", "fp32/packed", "a8 GB/s", "a8 % bw"]:
         t.add_column(col, justify="right")
     for K, N, M in sorted({(r["K"], r["N"], r["M"]) for r in rows}, key=lambda x: (x[2], x[0] * x[1], x[0])):
         g = lambda k: by[(K, N, M, k)]["median_us"]
         a8 = by[(K, N, M, "qmatmul-a8")]
         t.add_row(f"{K}x{N}", str(M), f"{g('qmatmul-a8'):.0f}", f"{g('qmatmul-a4'):.0f}", f"{g('qmatmul-a16'):.0f}",
                   f"{g('matmulnbits-acc4'):.0f}", f"{g('matmulnbits-acc0'):.0f}", f"{g('fp32'):.0f}",
+                  f"{g('packed-f32'):.0f}",
                   f"{g('matmulnbits-acc4') / g('qmatmul-a8'):.2f}x", f"{g('matmulnbits-acc4') / g('qmatmul-a4'):.2f}x",
-                  f"{g('matmulnbits-acc0') / g('qmatmul-a16'):.2f}x", f"{a8['weight_gb_s']:.2f}",
+                  f"{g('matmulnbits-acc0') / g('qmatmul-a16'):.2f}x", f"{g('fp32') / g('packed-f32'):.2f}x",
+                  f"{a8['weight_gb_s']:.2f}",
                   f"{100 * a8['weight_gb_s'] / bw:.0f}%")
     console.print(t)
-    console.print("ratios > 1x: QMatMul faster. GB/s: int4 weight bytes (K*N/2) per call time.")
+    console.print("ratios > 1x: QMatMul (PackedMatMul for fp32/packed) faster. GB/s: int4 weight bytes (K*N/2) per "
+                  "call time.")
 
 
 def main(json_output: bool = False, threads: int | None = None) -> int:

@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--svg", metavar="OUT.svg", help="draw bytes per block and role")
     s.set_defaults(func=_cmd_inspect)
 
-    s = sub.add_parser("bench-kernels", help="QMatMul vs ORT MatMulNBits and fp32 MatMul")
+    s = sub.add_parser("bench-kernels", help="QMatMul vs ORT MatMulNBits and fp32 MatMul; PackedMatMul vs fp32 MatMul")
     s.add_argument("--json", action="store_true")
     s.add_argument("--threads", type=_positive_int, default=1)
     s.set_defaults(func=_cmd_bench_kernels)

@@ -2,9 +2,10 @@
 
 - where the built C++ library is (:func:`library_path`) and ORT session options that load it;
 - ONNX schemas with type/shape inference so ``onnx.checker`` and ``onnx.shape_inference`` accept
-  models using ``QMatMul`` and ``TokenPrune`` (:func:`register_schemas`);
-- the packed INT4 weight layout (:func:`pack_int4_blocks` / :func:`unpack_int4_blocks`), written at
-  compile time exactly as the kernels read it (see custom_ops/kernels/kernels.h and
+  models using ``QMatMul``, ``PackedMatMul`` and ``TokenPrune`` (:func:`register_schemas`);
+- the packed INT4 weight layout (:func:`pack_int4_blocks` / :func:`unpack_int4_blocks`) and the float
+  tile layout (:func:`pack_float_tiles` / :func:`unpack_float_tiles`), written at compile time
+  exactly as the kernels read them (see custom_ops/kernels/kernels.h and
   custom_ops/README.md);
 - numpy reference implementations the C++ ops are tested against.
 
@@ -190,6 +191,48 @@ def dequantize_int4(data: np.ndarray, scales: np.ndarray, zero_points: np.ndarra
     zp = u["zero_points"] if u["zero_points"] is not None else np.full((n_blocks, N), 8, np.uint8)
     b = np.arange(K) // block_size
     return (u["q"].astype(np.float32) - zp[b].astype(np.float32)) * u["scales"][b]
+
+
+def pack_float_tiles(W: np.ndarray) -> np.ndarray:
+    """PackedMatMul's weight layout: float32 [K, N] → float32 [n_tiles, K, 16], column n of W at
+    [n // 16, :, n % 16], the padded columns of the last tile zero (custom_ops/kernels/kernels.h)."""
+    W = np.asarray(W)
+    if W.ndim != 2 or W.shape[0] < 1 or W.shape[1] < 1:
+        raise ValueError(f"pack_float_tiles needs a non-empty 2-D [K, N] weight, got shape {W.shape}")
+    if W.dtype != np.float32:
+        raise ValueError(f"pack_float_tiles packs float32 weights, got {W.dtype}")
+    K, N = W.shape
+    n_tiles = -(-N // TILE_N)
+    padded = np.zeros((K, n_tiles * TILE_N), np.float32)
+    padded[:, :N] = W
+    return np.ascontiguousarray(padded.reshape(K, n_tiles, TILE_N).transpose(1, 0, 2))
+
+
+def unpack_float_tiles(packed: np.ndarray, K: int, N: int) -> np.ndarray:
+    """Exact inverse of :func:`pack_float_tiles`: float32 [K, N]."""
+    n_tiles = -(-N // TILE_N)
+    packed = np.asarray(packed)
+    if packed.dtype != np.float32 or packed.size != n_tiles * K * TILE_N:
+        raise ValueError(f"packed float tiles of {packed.size} {packed.dtype} elements do not match K={K} N={N} "
+                         f"(need {n_tiles * K * TILE_N} float32)")
+    W = packed.reshape(n_tiles, K, TILE_N).transpose(1, 0, 2).reshape(K, n_tiles * TILE_N)
+    return np.ascontiguousarray(W[:, :N])
+
+
+def packed_matmul_reference(A: np.ndarray, packed: np.ndarray, K: int, N: int,
+                            bias: np.ndarray | None = None) -> np.ndarray:
+    """PackedMatMul semantics in numpy: A float32 [..., K] times the unpacked [K, N] (+ bias), summed
+    in float64 and rounded once (the kernels' reference; their float sums stay within K·2^-24 of
+    Σ|a·w|)."""
+    A = np.asarray(A, dtype=np.float32)
+    if A.shape[-1] != K:
+        raise ValueError(f"A's last dimension {A.shape[-1]} != K={K}")
+    W = unpack_float_tiles(packed, K, N).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        Y = A.reshape(-1, K).astype(np.float64) @ W
+        if bias is not None:
+            Y = Y + np.asarray(bias, np.float64)
+    return Y.astype(np.float32).reshape(*A.shape[:-1], N)
 
 
 def quantize_int4_weights(W: np.ndarray, block_size: int, symmetric: bool = True) -> dict:
@@ -475,21 +518,37 @@ def _qmatmul_infer(ctx) -> None:
             f"[llmfold.QMatMul] hadamard must be 0 or a power of two >= 2 dividing K={K}, got {had}")
     if glu not in (0, 1) or (glu and N % 2):
         raise onnx.shape_inference.InferenceError(f"[llmfold.QMatMul] swiglu must be 0, or 1 with an even N (got swiglu={glu}, N={N})")
+    _set_linear_output(ctx, "QMatMul", K, N // 2 if glu else N)
+
+
+def _set_linear_output(ctx, op: str, K: int, n_out: int) -> None:
+    """Output 0 of a linear op: float [..., n_out] for A [..., K] (A's last dimension checked)."""
+    import onnx
+
     out = onnx.TypeProto()
     out.tensor_type.elem_type = onnx.TensorProto.FLOAT
     a = ctx.get_input_type(0)
     if a is not None and a.tensor_type.HasField("shape"):
         dims = list(a.tensor_type.shape.dim)
         if not dims:
-            raise onnx.shape_inference.InferenceError("[llmfold.QMatMul] A must have rank >= 1")
+            raise onnx.shape_inference.InferenceError(f"[llmfold.{op}] A must have rank >= 1")
         if dims[-1].HasField("dim_value") and dims[-1].dim_value != K:
-            raise onnx.shape_inference.InferenceError(
-                f"[llmfold.QMatMul] A's last dimension {dims[-1].dim_value} != K={K}")
+            raise onnx.shape_inference.InferenceError(f"[llmfold.{op}] A's last dimension {dims[-1].dim_value} != K={K}")
         shp = out.tensor_type.shape
         for d in dims[:-1]:
             shp.dim.add().CopyFrom(d)
-        shp.dim.add().dim_value = N // 2 if glu else N
+        shp.dim.add().dim_value = n_out
     ctx.set_output_type(0, out)
+
+
+def _packed_matmul_infer(ctx) -> None:
+    import onnx
+
+    K = ctx.get_attribute("K")
+    N = ctx.get_attribute("N")
+    if K is None or N is None or K.i < 1 or N.i < 1:
+        raise onnx.shape_inference.InferenceError("[llmfold.PackedMatMul] positive attributes K and N are required")
+    _set_linear_output(ctx, "PackedMatMul", K.i, N.i)
 
 
 def _token_prune_infer(ctx) -> None:
@@ -574,6 +633,19 @@ def _schemas():
                                  "0, or 1: SwiGLU epilogue over [gate | up] (N even, output N/2)")],
     )
     q.set_type_and_shape_inference_function(_qmatmul_infer)
+    f = OS(
+        "PackedMatMul", DOMAIN, OPSET_VERSION,
+        doc="Y[...,N] = A[...,K] . W[K,N] (+ bias) in float32, W in 16-column tiles [n_tiles, K, 16] "
+            "(custom_ops/README.md): ONNX MatMul's product with the weights in the order a decode step reads them.",
+        inputs=[FP("A", "T", "float activations [..., K]"),
+                FP("B", "T", "packed float32 weights [n_tiles, K, 16]"),
+                FP("bias", "T", "bias [N]", param_option=opt)],
+        outputs=[FP("Y", "T", "output [..., N]")],
+        type_constraints=[("T", ["tensor(float)"], "float")],
+        attributes=[OS.Attribute("K", OS.AttrType.INT, "input features"),
+                    OS.Attribute("N", OS.AttrType.INT, "output features")],
+    )
+    f.set_type_and_shape_inference_function(_packed_matmul_infer)
     t = OS(
         "TokenPrune", DOMAIN, OPSET_VERSION,
         doc="Agile-Quant token pruning: keeps token 0, token T-1 and the highest-scoring others (scores: "
@@ -608,7 +680,7 @@ def _schemas():
                     OS.Attribute("scale", OS.AttrType.FLOAT, "logit scale (default head_dim^-0.5)", required=False)],
     )
     t.set_type_and_shape_inference_function(_token_prune_infer)
-    return [q, t]
+    return [q, f, t]
 
 
 def register_schemas() -> None:
@@ -634,3 +706,10 @@ def make_qmatmul_node(inputs: Sequence[str], output: str, K: int, N: int, block_
         extra["swiglu"] = int(swiglu)
     return helper.make_node("QMatMul", list(inputs), [output], name=name, domain=DOMAIN, K=int(K), N=int(N),
                             block_size=int(block_size), act_bits=int(act_bits), **extra)
+
+
+def make_packed_matmul_node(inputs: Sequence[str], output: str, K: int, N: int, name: str | None = None):
+    """A PackedMatMul NodeProto (inputs: A, B[, bias])."""
+    from onnx import helper
+
+    return helper.make_node("PackedMatMul", list(inputs), [output], name=name, domain=DOMAIN, K=int(K), N=int(N))

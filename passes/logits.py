@@ -41,9 +41,10 @@ def _lm_head_input(graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
     """(h, logits): the input of the node writing the `logits` output, and that output."""
     logits = next((v for v in graph.outputs if v.name == "logits"), None)
     node = logits.producer() if logits is not None else None
-    if node is None or node.op_type not in ("MatMul", "QMatMul") or not node.inputs or node.inputs[0] is None:
-        raise UserError("logits_to_keep: the graph has no `logits` output written by an lm_head MatMul or QMatMul; "
-                        "it is not a model exported by `llmfold export`")
+    lm_head_ops = ("MatMul", "QMatMul", "PackedMatMul")
+    if node is None or node.op_type not in lm_head_ops or not node.inputs or node.inputs[0] is None:
+        raise UserError("logits_to_keep: the graph has no `logits` output written by an lm_head MatMul, QMatMul or "
+                        "PackedMatMul; it is not a model exported by `llmfold export`")
     return node.inputs[0], logits
 
 

@@ -2,8 +2,8 @@
 
     python samples/decode_breakdown.py MODEL_DIR [--threads 2] [--rounds 5]
 
-Builds one ONNX graph holding every linear node of the model — QMatMul with its packed
-initializers, and MatMul reading an initializer (fp32 layers, both factors of low-rank pairs,
+Builds one ONNX graph holding every linear node of the model — QMatMul and PackedMatMul with their
+packed initializers, and MatMul reading an initializer (fp32 layers, both factors of low-rank pairs,
 lm_head) — each fed a random activation row (M = 1, as in decode), and times it next to a real
 KV-cached decode step of the model (llmfold's runtime, median of 64 steps after a 16-token prompt)
 and ORT's ReduceSum over 256 MB (the machine's read bandwidth). Rounds alternate the three, so they
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def linear_stack(model_dir: Path):
-    """(ModelProto with only the linear nodes, input feeds, weight bytes, QMatMul count, MatMul count)."""
+    """(ModelProto with only the linear nodes, input feeds, weight bytes, node count per op type)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -33,7 +33,7 @@ def linear_stack(model_dir: Path):
 
     m = onnx.load(str(model_dir / "model.onnx"))  # external data loaded
     inits = {i.name: i for i in m.graph.initializer}
-    nodes, used, inputs, outputs, feeds, nbytes, kinds = [], {}, [], [], {}, 0, {"QMatMul": 0, "MatMul": 0}
+    nodes, used, inputs, outputs, feeds, nbytes, kinds = [], {}, [], [], {}, 0, {}
     rng = np.random.default_rng(0)
     for n in m.graph.node:
         if n.op_type == "QMatMul" and n.domain == co.DOMAIN:
@@ -41,11 +41,14 @@ def linear_stack(model_dir: Path):
             N = next(a.i for a in n.attribute if a.name == "N")
             if any(a.name == "swiglu" and a.i for a in n.attribute):
                 N //= 2  # the SwiGLU epilogue halves the output (gate | up → silu(gate)·up)
+        elif n.op_type == "PackedMatMul" and n.domain == co.DOMAIN:
+            K = next(a.i for a in n.attribute if a.name == "K")
+            N = next(a.i for a in n.attribute if a.name == "N")
         elif n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and n.input[1] in inits and len(inits[n.input[1]].dims) == 2:
             K, N = inits[n.input[1]].dims
         else:
             continue
-        kinds[n.op_type] += 1
+        kinds[n.op_type] = kinds.get(n.op_type, 0) + 1
         x = f"x{len(nodes)}"
         inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, K]))
         feeds[x] = rng.standard_normal((1, K)).astype(np.float32)
@@ -63,11 +66,11 @@ def linear_stack(model_dir: Path):
                 nbytes += len(inits[name].raw_data) or onnx.numpy_helper.to_array(inits[name]).nbytes
         nodes.append(node)
     if not nodes:
-        raise SystemExit(f"{model_dir}: no linear node (QMatMul, or MatMul with an initializer weight)")
+        raise SystemExit(f"{model_dir}: no linear node (QMatMul, PackedMatMul, or MatMul with an initializer weight)")
     g = helper.make_graph(nodes, "linears", inputs, outputs, list(used.values()))
     stack = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(co.DOMAIN, 1)])
     stack.ir_version = 10
-    return stack, feeds, nbytes, kinds["QMatMul"], kinds["MatMul"]
+    return stack, feeds, nbytes, kinds
 
 
 def main(argv=None) -> int:
@@ -86,7 +89,7 @@ def main(argv=None) -> int:
     from compiler.bench_kernels import read_bandwidth_gb_s
     from compiler.runtime import open_session
 
-    stack, feeds, nbytes, n_q, n_mm = linear_stack(args.dir)
+    stack, feeds, nbytes, kinds = linear_stack(args.dir)
     so = co.make_session_options(args.threads)
     sess = ort.InferenceSession(stack.SerializeToString(), so, providers=["CPUExecutionProvider"])
     binding = sess.io_binding()
@@ -112,7 +115,8 @@ def main(argv=None) -> int:
     s, d, b = (float(np.median(v)) for v in (stack_ms, step_ms, bw))
     print(f"{args.dir}: {args.threads} threads, {args.rounds} rounds (medians)")
     print(f"  decode step            {d:8.3f} ms   ({1e3 / d:.1f} tok/s)")
-    print(f"  its linears alone      {s:8.3f} ms   ({n_q} QMatMul + {n_mm} MatMul nodes, {nbytes / 1e6:.1f} MB of weights: "
+    counts = " + ".join(f"{c} {op}" for op, c in sorted(kinds.items()))
+    print(f"  its linears alone      {s:8.3f} ms   ({counts} nodes, {nbytes / 1e6:.1f} MB of weights: "
           f"{nbytes / s / 1e6:.1f} GB/s)")
     print(f"  everything else        {d - s:8.3f} ms")
     print(f"  read bandwidth         {b:8.1f} GB/s  (ReduceSum over 256 MB)")

@@ -476,6 +476,123 @@ def test_qmatmul_bad_inputs(lib):
 
 
 # ----------------------------------------------------------------------------------------------
+# PackedMatMul
+
+
+def packed_matmul_model(K, N, packed, bias=None, a_shape=None, a_type=TP.FLOAT, const_weights=True):
+    inits = []
+    ins = [helper.make_tensor_value_info("A", a_type, a_shape or ["M", K])]
+    if const_weights:
+        inits.append(numpy_helper.from_array(packed, "B"))
+    else:  # weights fed at run time: the per-call validation path
+        ins.append(helper.make_tensor_value_info("B", TP.FLOAT, None))
+    names = ["A", "B"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "bias"))
+        names.append("bias")
+    node = co.make_packed_matmul_node(names, "Y", K, N)
+    y = helper.make_tensor_value_info("Y", TP.FLOAT, list((a_shape or ["M", K])[:-1]) + [N])
+    g = helper.make_graph([node], "packed_matmul", ins, [y], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(co.DOMAIN, 1)])
+    m.ir_version = 10
+    return m
+
+
+@pytest.mark.parametrize("K,N", [(1, 1), (5, 17), (64, 16), (576, 230), (230, 576)])
+def test_pack_float_tiles_round_trip(K, N):
+    W = np.random.default_rng(K * N).standard_normal((K, N)).astype(np.float32)
+    p = co.pack_float_tiles(W)
+    nt = -(-N // 16)
+    assert p.shape == (nt, K, 16) and p.dtype == np.float32
+    for n in (0, N // 2, N - 1):  # column n at [n // 16, :, n % 16]
+        assert np.array_equal(p[n // 16, :, n % 16], W[:, n])
+    assert (p[-1, :, (N - 1) % 16 + 1:] == 0).all()  # padded columns are zero
+    assert np.array_equal(co.unpack_float_tiles(p, K, N), W)
+    with pytest.raises(ValueError, match="float32"):
+        co.pack_float_tiles(W.astype(np.float64))
+    with pytest.raises(ValueError, match="do not match"):
+        co.unpack_float_tiles(p[:-1], K, N)
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 7, 64])
+@pytest.mark.parametrize("K,N,with_bias", [(576, 230, False), (230, 576, True), (64, 17, True), (1536, 48, False)])
+def test_packed_matmul_matches_reference_and_matmul(lib, M, K, N, with_bias):
+    rng = np.random.default_rng(M * 1000 + K + N)
+    W = rng.standard_normal((K, N)).astype(np.float32) * 0.05
+    bias = rng.standard_normal(N).astype(np.float32) if with_bias else None
+    A = rng.standard_normal((M, K)).astype(np.float32)
+    y = session(packed_matmul_model(K, N, co.pack_float_tiles(W), bias)).run(None, {"A": A})[0]
+    assert y.shape == (M, N)
+    r = co.packed_matmul_reference(A, co.pack_float_tiles(W), K, N, bias)
+    mag = magnitude(A, W) + (np.abs(bias) if with_bias else 0)
+    assert (np.abs(y.astype(np.float64) - r) <= (K + 3) * 2.0 ** -24 * mag + 1e-30).all()
+    # the same product as ONNX MatMul (+ Add) within float rounding
+    ref32 = A @ W + (bias if with_bias else 0)
+    assert np.allclose(y, ref32, rtol=1e-5, atol=1e-5 * float(np.abs(ref32).max()))
+
+
+def test_packed_matmul_batched_threads_and_runtime_weights(lib):
+    rng = np.random.default_rng(21)
+    K, N = 576, 1000
+    W = rng.standard_normal((K, N)).astype(np.float32)
+    p = co.pack_float_tiles(W)
+    m = packed_matmul_model(K, N, p, a_shape=[2, "T", K])
+    mr = packed_matmul_model(K, N, p, a_shape=[2, "T", K], const_weights=False)
+    for T in (1, 70):  # decode (streaming split by bytes) and prefill (tile chunks)
+        A = rng.standard_normal((2, T, K)).astype(np.float32)
+        ys = [session(m, threads=t).run(None, {"A": A})[0] for t in (1, 2, 3)]
+        ys.append(session(mr, threads=2).run(None, {"A": A, "B": p})[0])
+        assert ys[0].shape == (2, T, N)
+        for y in ys[1:]:
+            assert np.array_equal(ys[0], y)  # each column's arithmetic is the same whatever the split
+        assert np.allclose(ys[0], A @ W, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_matmul_nonfinite_and_empty_rows(lib):
+    rng = np.random.default_rng(22)
+    K, N = 40, 20
+    W = rng.standard_normal((K, N)).astype(np.float32)
+    A = rng.standard_normal((3, K)).astype(np.float32)
+    A[1, 7] = np.nan
+    s = session(packed_matmul_model(K, N, co.pack_float_tiles(W)))
+    y = s.run(None, {"A": A})[0]
+    assert np.isfinite(y[[0, 2]]).all() and np.isnan(y[1]).all()
+    assert s.run(None, {"A": np.zeros((0, K), np.float32)})[0].shape == (0, N)
+
+
+def test_packed_matmul_bad_inputs(lib):
+    rng = np.random.default_rng(23)
+    K, N = 64, 20
+    p = co.pack_float_tiles(rng.standard_normal((K, N)).astype(np.float32))
+    A = rng.standard_normal((2, K)).astype(np.float32)
+    _expect_error(lambda: session(packed_matmul_model(K, N, p, a_type=TP.DOUBLE)), "type")
+    s = session(packed_matmul_model(K, N, p, a_shape=["M", "Kdim"]))
+    _expect_error(lambda: s.run(None, {"A": np.zeros((2, K + 1), np.float32)}),
+                  "PackedMatMul: A's last dimension is 65 but attribute K is 64")
+    _expect_error(lambda: session(packed_matmul_model(K, N, p[:-1])).run(None, {"A": A}),
+                  "packed B has 1024 elements; K=64 N=20 needs exactly 2048 (n_tiles*K*16)")
+    runtime = session(packed_matmul_model(K, N, p, const_weights=False))
+    _expect_error(lambda: runtime.run(None, {"A": A, "B": p[:, :-1]}), "packed B has")
+    _expect_error(lambda: session(packed_matmul_model(K, N, p, bias=np.zeros(N - 1, np.float32))).run(None, {"A": A}),
+                  "bias has 19 elements; needs N=20")
+    _expect_error(lambda: session(packed_matmul_model(0, N, p)), "attribute K must be in [1, 2^30], got 0")
+    assert s.run(None, {"A": A})[0].shape == (2, N)  # the process is alive and a good model still runs
+
+
+def test_packed_matmul_schema_shape_inference():
+    co.register_schemas()
+    K, N = 48, 20
+    p = co.pack_float_tiles(np.zeros((K, N), np.float32))
+    m = packed_matmul_model(K, N, p, a_shape=[2, "T", K])
+    onnx.checker.check_model(m)
+    inferred = onnx.shape_inference.infer_shapes(m, strict_mode=True)
+    dims = [d.dim_value or d.dim_param for d in inferred.graph.output[0].type.tensor_type.shape.dim]
+    assert dims == [2, "T", N]
+    with pytest.raises(onnx.shape_inference.InferenceError, match="!= K=48"):
+        onnx.shape_inference.infer_shapes(packed_matmul_model(K, N, p, a_shape=[2, 49]), strict_mode=True)
+
+
+# ----------------------------------------------------------------------------------------------
 # TokenPrune
 
 

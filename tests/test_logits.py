@@ -87,5 +87,5 @@ def test_logits_not_written_by_a_linear_are_refused(tiny_fused_dir):
     logits.name = "lm_head_out"
     model.graph.outputs[idx] = ident.outputs[0]
     ident.outputs[0].name = "logits"
-    with pytest.raises(UserError, match="no `logits` output written by an lm_head MatMul or QMatMul"):
+    with pytest.raises(UserError, match="no `logits` output written by an lm_head MatMul, QMatMul or PackedMatMul"):
         insert_logits_slice(model.graph)

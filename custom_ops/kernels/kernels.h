@@ -31,6 +31,14 @@ struct PackedInt4 {
   int64_t Kp() const { return n_blocks * block_size; }
 };
 
+// Float weights in 16-column tiles (llmfold.PackedMatMul): W[k][n] = data[(n / 16) K 16 + 16 k + n % 16],
+// zero in the padded columns n >= N of the last tile. A tile's k rows are consecutive 64-byte lines
+// and the tiles follow each other, so a call over all tiles reads the matrix once, in memory order.
+struct PackedFloat {
+  const float* data;  // [n_tiles][K][16]
+  int64_t K, N, n_tiles;
+};
+
 // Per-token dynamic symmetric activation quantization (act_bits 8: [-127, 127], 4: [-7, 7]).
 // Row m of the float input, after dividing channel k by 2^channel_shift[k] (TRIP; optional),
 // becomes q[m][0..Kp) (zero beyond K), scale[m] = absmax / qmax (0 for an all-zero row) and
@@ -72,6 +80,13 @@ struct KernelTable {
   // Paths evaluate exp with their own polynomial: within 1e-6 relative of ref for finite results,
   // non-finite where ref is non-finite.
   void (*swiglu)(const float* Z, int64_t ldz, int64_t M, int64_t I, float* Y, int64_t ldy);
+
+  // PackedMatMul: C[m][n] = sum_k A[m][k] * W[k][n] (+ bias[n]) in float for rows [0, M) (A has
+  // row stride lda and K columns, no padding) and column tiles [tile_begin, tile_end). Only
+  // columns n < N are written. Paths sum in their own order: within K * 2^-24 * sum_k |a_k w_k| of
+  // the exact sum (ref sums in double), non-finite where ref is.
+  void (*gemm_f32)(const float* A, int64_t lda, int64_t M, const PackedFloat& W, int64_t tile_begin,
+                   int64_t tile_end, const float* bias, float* C, int64_t ldc);
 };
 
 // Chosen once per process from CPU features; LLMFOLD_KERNELS=<name> forces a path (an unknown or

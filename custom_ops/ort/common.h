@@ -11,6 +11,7 @@
 #undef ORT_API_MANUAL_INIT
 #include "onnxruntime_lite_custom_op.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -84,6 +85,95 @@ inline void expect_type(const In& in, const char* name, ONNXTensorElementDataTyp
   if (in.type != t) fail(name, " must be ", type_name(t), ", got ", type_name(in.type));
 }
 
+// Constant inputs (initializers) validated once when the kernel is created: Compute recognizes
+// them by their data pointer and skips fetching their type and shape again (a few ORT API calls
+// each, a measurable part of a small M = 1 call).
+template <size_t NIn>
+struct ConstInputs {
+  const void* data[NIn] = {};
+  ONNXTensorElementDataType type[NIn] = {};
+  int64_t count[NIn] = {};
+
+  // Input i when it is a constant of this type and element count: remembered, its data returned.
+  // Anything else returns nullptr and Compute validates (and reports) it on every call.
+  const void* remember(const Ort::ConstKernelInfo& info, size_t i, ONNXTensorElementDataType t, int64_t n) {
+    if (i >= NIn || i >= info.GetInputCount()) return nullptr;
+    int is_const = 0;
+    Ort::ConstValue v = info.GetTensorConstantInput(i, &is_const);
+    if (!is_const || !static_cast<const OrtValue*>(v) || !v.IsTensor()) return nullptr;
+    auto ti = v.GetTensorTypeAndShapeInfo();
+    if (ti.GetElementType() != t || static_cast<int64_t>(ti.GetElementCount()) != n) return nullptr;
+    data[i] = v.GetTensorRawData();
+    type[i] = t;
+    count[i] = n;
+    return data[i];
+  }
+
+  // Input i: the remembered constant without further API calls, or get_input.
+  In fetch(const Ort::KernelContext& ctx, size_t i) const {
+    if (data[i] && i < ctx.GetInputCount()) {
+      Ort::ConstValue v = ctx.GetInput(i);
+      if (static_cast<const OrtValue*>(v) && v.GetTensorRawData() == data[i]) {
+        In in;
+        in.value = v;
+        in.type = type[i];
+        in.count = count[i];
+        in.ptr = data[i];
+        return in;
+      }
+    }
+    return get_input(ctx, i);
+  }
+  bool is_const(const In& in, size_t i) const { return in.ptr && in.ptr == data[i]; }
+};
+
+// One task runs in the calling thread (no pool round trip), more go to ORT's pool.
+inline void run_tasks(const Ort::KernelContext& ctx, void (*fn)(void*, size_t), int64_t tasks, void* work) {
+  if (tasks == 1) fn(work, 0);
+  else ctx.ParallelFor(fn, static_cast<size_t>(tasks), 0, work);
+}
+
+// A product's split into row_tasks x col_tasks tasks of rows_per rows and tiles_per column tiles;
+// each output element belongs to exactly one task, so results do not depend on the split or the
+// thread count.
+struct TaskGrid {
+  int64_t row_tasks, col_tasks, rows_per, tiles_per;
+};
+
+// Few rows (decode steps): the call is bound by reading the weights, so the column tiles are split
+// by weight bytes: a power of two of tasks (1, 2, 4, ... 64: as many per thread with pools of 2, 4,
+// 8 threads), each streaming >= kStreamTaskBytes, ceil(tiles / tasks) tiles each (rounded up to an
+// even count when the kernel runs tile pairs). ORT's pool threads (the calling one included) claim
+// the tasks dynamically, and a task costs a little (per-task setup, the claim): at M = 1, 2 threads
+// and a spinning worker, QMatMul 576x576 (weights in L3) takes 5.6 us in 2 tasks, 6.2 in 4, 7.8 in
+// 16 (9.5 in one thread; medians, see custom_ops/README.md "Threads").
+constexpr int64_t kStreamTaskBytes = int64_t{64} << 10;
+inline TaskGrid stream_grid(int64_t M, int64_t n_tiles, int64_t tile_bytes, bool even_tiles) {
+  const int64_t fit = std::min<int64_t>(64, tile_bytes * n_tiles / kStreamTaskBytes);
+  int64_t want = 1;
+  while (want * 2 <= fit) want *= 2;
+  TaskGrid g{1, 0, M, (n_tiles + want - 1) / want};
+  if (even_tiles && g.tiles_per > 1 && g.tiles_per % 2) ++g.tiles_per;
+  g.col_tasks = (n_tiles + g.tiles_per - 1) / g.tiles_per;
+  return g;
+}
+
+// More rows: chunks of >= min_tiles column tiles (per-task setup stays small against the work), at
+// most 64 tasks and about 2^20 MACs per task at least. Rows are split only when there is a single
+// column chunk (a row split repeats the per-tile weight preparation).
+inline TaskGrid gemm_grid(int64_t M, int64_t K, int64_t n_tiles, int64_t min_tiles) {
+  const int64_t macs = M * K * n_tiles * 16;
+  const int64_t want = std::max<int64_t>(1, std::min<int64_t>(64, macs >> 20));
+  TaskGrid g{};
+  g.col_tasks = std::max<int64_t>(1, std::min(want, n_tiles / min_tiles));
+  g.row_tasks = g.col_tasks > 1 ? 1 : std::max<int64_t>(1, std::min<int64_t>(want, M / 32));
+  g.tiles_per = (n_tiles + g.col_tasks - 1) / g.col_tasks;
+  g.col_tasks = (n_tiles + g.tiles_per - 1) / g.tiles_per;
+  g.rows_per = (M + g.row_tasks - 1) / g.row_tasks;
+  g.row_tasks = (M + g.rows_per - 1) / g.rows_per;
+  return g;
+}
+
 template <typename Kernel>
 struct Op : Ort::Custom::OrtLiteCustomOp {
   std::vector<OrtCustomOpInputOutputCharacteristic> in_char, out_char;
@@ -140,6 +230,7 @@ struct Op : Ort::Custom::OrtLiteCustomOp {
 
 // Builders of the ops (defined next to each kernel).
 std::vector<Ort::Custom::OrtLiteCustomOp*> make_qmatmul_ops();
+std::vector<Ort::Custom::OrtLiteCustomOp*> make_packed_matmul_ops();
 std::vector<Ort::Custom::OrtLiteCustomOp*> make_token_prune_ops();
 
 }  // namespace ortglue

@@ -30,6 +30,7 @@ OrtStatus* register_domain(OrtSessionOptions* options, const OrtApiBase* api_bas
   try {
     if (ops.empty()) {
       for (auto* op : make_qmatmul_ops()) ops.emplace_back(op);
+      for (auto* op : make_packed_matmul_ops()) ops.emplace_back(op);
       for (auto* op : make_token_prune_ops()) ops.emplace_back(op);
     }
     Ort::CustomOpDomain domain{kDomain};

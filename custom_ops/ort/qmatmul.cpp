@@ -36,9 +36,6 @@ void check_nibbles(const uint8_t* p, int64_t n, const char* what) {
   }
 }
 
-// Few-row (streaming) calls: weight bytes per task at least (see the task grid in Compute).
-constexpr int64_t kStreamTaskBytes = int64_t{64} << 10;
-
 struct QMatMulKernel {
   static constexpr const char* kName = "QMatMul";
   int64_t K, N, block_size, act_bits, hadamard, swiglu, n_blocks, n_tiles, Kp;
@@ -66,10 +63,7 @@ struct QMatMulKernel {
     n_blocks = (K + block_size - 1) / block_size;
     n_tiles = (N + kTileN - 1) / kTileN;
     Kp = n_blocks * block_size;
-    // Constant inputs (initializers: B, scales, zero_points, bias, channel_shift) are validated
-    // here once; Compute recognizes them by their data pointer and skips fetching their type and
-    // shape again (a few ORT API calls each, a measurable part of a small M = 1 call).
-    const size_t nin = info.GetInputCount();
+    // Constant inputs (B, scales, zero_points, bias, channel_shift): validated here once.
     const int64_t want_b = n_tiles * (Kp / kGroupK) * 64, want_s = n_tiles * n_blocks * kTileN;
     const ONNXTensorElementDataType u8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, f32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
                                     f16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
@@ -79,41 +73,13 @@ struct QMatMulKernel {
       const char* nibbles;  // name for check_nibbles, or nullptr
     } expect[6] = {{f32, 0, nullptr}, {u8, want_b, nullptr}, {f16, want_s, nullptr}, {u8, want_s, "zero_points"},
                    {f32, N, nullptr}, {u8, K, "channel_shift"}};
-    for (size_t i = 1; i < std::min<size_t>(nin, 6); ++i) {
-      int is_const = 0;
-      Ort::ConstValue v = info.GetTensorConstantInput(i, &is_const);
-      if (!is_const || !static_cast<const OrtValue*>(v) || !v.IsTensor()) continue;
-      auto ti = v.GetTensorTypeAndShapeInfo();
-      if (ti.GetElementType() != expect[i].type || static_cast<int64_t>(ti.GetElementCount()) != expect[i].count)
-        continue;  // Compute reports it
-      if (expect[i].nibbles) check_nibbles(v.GetTensorData<uint8_t>(), expect[i].count, expect[i].nibbles);
-      const_data[i] = v.GetTensorRawData();
-      const_type[i] = expect[i].type;
-      const_count[i] = expect[i].count;
+    for (size_t i = 1; i < 6; ++i) {
+      const void* d = consts.remember(info, i, expect[i].type, expect[i].count);
+      if (d && expect[i].nibbles) check_nibbles(static_cast<const uint8_t*>(d), expect[i].count, expect[i].nibbles);
     }
   }
 
-  const void* const_data[6] = {};  // validated constant inputs (by index), else nullptr
-  ONNXTensorElementDataType const_type[6] = {};
-  int64_t const_count[6] = {};
-
-  // Input i: the validated constant without further API calls, or get_input.
-  In fetch(const Ort::KernelContext& ctx, size_t i) const {
-    if (const_data[i] && i < ctx.GetInputCount()) {
-      Ort::ConstValue v = ctx.GetInput(i);
-      if (static_cast<const OrtValue*>(v) && v.GetTensorRawData() == const_data[i]) {
-        In in;
-        in.value = v;
-        in.type = const_type[i];
-        in.count = const_count[i];
-        in.ptr = const_data[i];
-        return in;
-      }
-    }
-    In in = get_input(ctx, i);
-    return in;
-  }
-  bool is_const(const In& in, size_t i) const { return in.ptr && in.ptr == const_data[i]; }
+  ConstInputs<6> consts;
 
   struct Work {
     const KernelTable* kt;
@@ -164,12 +130,6 @@ struct QMatMulKernel {
     if (m0 < m1) w.kt->swiglu(w.Z + m0 * w.N, w.N, m1 - m0, w.N / 2, w.Y + m0 * (w.N / 2), w.N / 2);
   }
 
-  // One task runs in the calling thread (no pool round trip), more go to ORT's pool.
-  static void run_tasks(const Ort::KernelContext& ctx, void (*fn)(void*, size_t), int64_t tasks, void* work) {
-    if (tasks == 1) fn(work, 0);
-    else ctx.ParallelFor(fn, static_cast<size_t>(tasks), 0, work);
-  }
-
   static void row_task(void* p, size_t i) {
     const RowWork& w = *static_cast<const RowWork*>(p);
     const int64_t m0 = static_cast<int64_t>(i) * w.rows_per, m1 = std::min(w.M, m0 + w.rows_per);
@@ -184,8 +144,8 @@ struct QMatMulKernel {
 
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
-    const In A = get_input(ctx, 0), B = fetch(ctx, 1), S = fetch(ctx, 2), Z = fetch(ctx, 3), bias = fetch(ctx, 4),
-             shift = fetch(ctx, 5);
+    const In A = get_input(ctx, 0), B = consts.fetch(ctx, 1), S = consts.fetch(ctx, 2), Z = consts.fetch(ctx, 3),
+             bias = consts.fetch(ctx, 4), shift = consts.fetch(ctx, 5);
     if (!A) fail("input A is required");
     if (!B) fail("input B (packed weights) is required");
     if (!S) fail("input scales is required");
@@ -215,7 +175,7 @@ struct QMatMulKernel {
         fail("zero_points has ", std::to_string(Z.count), " elements; needs exactly ", std::to_string(want_s),
              " (n_tiles*n_blocks*16)");
       zp = Z.data<uint8_t>();
-      if (!is_const(Z, 3)) check_nibbles(zp, Z.count, "zero_points");
+      if (!consts.is_const(Z, 3)) check_nibbles(zp, Z.count, "zero_points");
     }
     const float* bp = nullptr;
     if (bias) {
@@ -230,7 +190,7 @@ struct QMatMulKernel {
         fail("channel_shift has ", std::to_string(shift.count), " elements; needs K=", std::to_string(K));
       if (act_bits == 16) fail("channel_shift requires act_bits 8 or 4 (it scales activations before quantization)");
       sh = shift.data<uint8_t>();
-      if (!is_const(shift, 5)) check_nibbles(sh, K, "channel_shift");
+      if (!consts.is_const(shift, 5)) check_nibbles(sh, K, "channel_shift");
     }
 
     std::vector<int64_t> yshape(A.shape.begin(), A.shape.end() - 1);
@@ -287,44 +247,18 @@ struct QMatMulKernel {
       }
     }
 
-    // Task grid. Few rows (M < 4 int, M < 3 A16: the streaming kernels, decode steps): the call is
-    // bound by reading the packed weights, so the column tiles are split by weight bytes: a power
-    // of two of tasks (1, 2, 4, ... 64: as many per thread with pools of 2, 4, 8 threads), each
-    // streaming >= kStreamTaskBytes, ceil(tiles / tasks) tiles each, rounded up to an even count
-    // (the M = 1 kernel runs tile pairs, and its prefetch continues into the next task's first
-    // pair: 4096x11008 in 58 tasks of 12 tiles instead of 64 of 11 measured 1.01-1.08x faster,
-    // weights from DRAM; 1536x576 as 10, 10, 10, 6). ORT's pool
-    // threads (the calling one included) claim the tasks dynamically, and a task costs a little
-    // (per-task setup, the claim): at M = 1, 2 threads and a spinning
-    // worker, 576x576 (weights in L3) takes 5.6 us in 2 tasks, 6.2 in 4, 7.8 in 16 (9.5 in one
-    // thread; medians, see README "Threads").
-    // More rows: chunks of >= 8 column tiles, >= 16 for 4+ rows (per-task setup - activation
-    // packing, per-row prescaling - stays small against the work), at most 64 tasks and about
-    // 2^20 MACs per task at least. Either way each output element is computed by exactly one task,
-    // so results do not depend on the split or the thread count.
+    // Task grid (common.h). Few rows (M < 4 int, M < 3 A16: the streaming kernels) split by weight
+    // bytes, in even tile counts: the M = 1 kernel runs tile pairs, and its prefetch continues into
+    // the next task's first pair (4096x11008 in 58 tasks of 12 tiles instead of 64 of 11 measured
+    // 1.01-1.08x faster, weights from DRAM; 1536x576 as 10, 10, 10, 6). More rows: chunks of >= 8
+    // column tiles, >= 16 for 4+ rows (per-task setup - activation packing, per-row prescaling).
     const bool streaming = act_bits == 16 ? M < 3 : M < 4;
-    if (streaming) {
-      const int64_t tile_bytes = Kp / 2 * kTileN + n_blocks * kTileN * (zp ? 5 : 4);
-      const int64_t fit = std::min<int64_t>(64, tile_bytes * n_tiles / kStreamTaskBytes);
-      int64_t want = 1;
-      while (want * 2 <= fit) want *= 2;
-      w.tiles_per = (n_tiles + want - 1) / want;
-      if (w.tiles_per > 1 && w.tiles_per % 2) ++w.tiles_per;  // even: the M = 1 kernel runs tile pairs
-      w.col_tasks = (n_tiles + w.tiles_per - 1) / w.tiles_per;
-      w.row_tasks = 1;
-      w.rows_per = M;
-    } else {
-      const int64_t macs = M * Kp * n_tiles * kTileN;
-      const int64_t want = std::max<int64_t>(1, std::min<int64_t>(64, macs >> 20));
-      w.col_tasks = std::max<int64_t>(1, std::min(want, n_tiles / (M >= 4 ? 16 : 8)));
-      // Row splits repeat the per-tile weight unpacking/dequantization: only when there is a
-      // single column chunk.
-      w.row_tasks = w.col_tasks > 1 ? 1 : std::max<int64_t>(1, std::min<int64_t>(want, M / 32));
-      w.tiles_per = (n_tiles + w.col_tasks - 1) / w.col_tasks;
-      w.col_tasks = (n_tiles + w.tiles_per - 1) / w.tiles_per;
-      w.rows_per = (M + w.row_tasks - 1) / w.row_tasks;
-      w.row_tasks = (M + w.rows_per - 1) / w.rows_per;
-    }
+    const TaskGrid grid = streaming ? stream_grid(M, n_tiles, Kp / 2 * kTileN + n_blocks * kTileN * (zp ? 3 : 2), true)
+                                    : gemm_grid(M, Kp, n_tiles, M >= 4 ? 16 : 8);
+    w.row_tasks = grid.row_tasks;
+    w.col_tasks = grid.col_tasks;
+    w.rows_per = grid.rows_per;
+    w.tiles_per = grid.tiles_per;
     const int64_t tasks = w.row_tasks * w.col_tasks;
     run_tasks(ctx, &QMatMulKernel::run_task, tasks, &w);
     if (swiglu) {  // O(M·N) after the O(M·K·N) product: row chunks of >= 16 rows

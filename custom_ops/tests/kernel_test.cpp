@@ -1,6 +1,7 @@
 // Kernel tests: every path this CPU can run against the reference (ref) on random and edge shapes.
 //   quantize_rows and int_block_dots: bit for bit; gemm_a16 and gemm_int: within 1e-5 of the
-//   magnitude sum_k |a_k w_k| (and identical non-finite positions for NaN/Inf rows).
+//   magnitude sum_k |a_k w_k| (and identical non-finite positions for NaN/Inf rows); gemm_f32:
+//   within the float summation bound (f32_checks).
 // Usage: llmfold_kernel_test [--quick] [--path NAME]
 // Exit status 0 when every check passed. Compiled-in paths the CPU cannot run are reported as
 // skipped with the missing feature.
@@ -266,6 +267,79 @@ void swiglu_checks(const KernelTable& kt, std::mt19937_64& rng) {
   }
 }
 
+// gemm_f32 (PackedMatMul) against ref on random and edge shapes: every M up to the strip sizes
+// and beyond, K not a multiple of the unrolling (1, 3, 5, 577), odd N, partial tile ranges, bias,
+// NaN/Inf rows, large and subnormal magnitudes, long same-sign sums. Within (K + 3)·2^-24 of
+// sum_k |a_k w_k| + |bias| (any summation order stays inside it), non-finite where ref is, and
+// nothing written outside columns [0, N) of each row.
+void f32_checks(const KernelTable& kt, std::mt19937_64& rng, bool quick) {
+  struct F32Case {
+    int64_t M, K, N;
+    bool bias;
+    int special;  // 0 random, 1 NaN/Inf rows, 2 large, 3 subnormal products, 4 same sign
+  };
+  std::vector<F32Case> cases = {
+      {1, 64, 16, false, 0},   {1, 576, 230, true, 0},  {2, 5, 17, true, 0},    {3, 3, 33, false, 0},
+      {4, 1, 1, true, 0},      {5, 577, 70, true, 0},   {6, 64, 64, false, 0},  {7, 100, 65, true, 0},
+      {13, 130, 47, false, 0}, {12, 33, 96, true, 0},   {3, 70, 18, true, 1},   {9, 64, 16, false, 1},
+      {1, 128, 20, true, 2},   {8, 64, 19, false, 2},   {2, 64, 16, false, 3},  {6, 96, 33, true, 3},
+      {1, 4096, 16, false, 4}, {6, 4096, 40, true, 4},  {1, 1536, 576, false, 0}};
+  if (!quick) {
+    cases.push_back({128, 576, 100, true, 0});
+    cases.push_back({37, 1536, 64, false, 0});
+    cases.push_back({600, 64, 130, true, 4});
+  }
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  for (const F32Case& cs : cases) {
+    const int64_t M = cs.M, K = cs.K, N = cs.N, nt = (N + 15) / 16, lda = K + 3, ldc = N + 5;
+    float amp = 1.0f;
+    if (cs.special == 2) amp = 1e15f;
+    if (cs.special == 3) amp = 1e-20f;
+    std::vector<float> A(static_cast<size_t>(M * lda)), Wl(static_cast<size_t>(K * N)), bias(static_cast<size_t>(N));
+    for (auto& v : A) v = cs.special == 4 ? 1.0f : amp * nd(rng);
+    for (auto& v : Wl) v = cs.special == 4 ? 0.75f + 0.25f * std::fabs(nd(rng)) : amp * nd(rng);
+    for (auto& v : bias) v = nd(rng);
+    std::vector<bool> bad_row(static_cast<size_t>(M), false);
+    if (cs.special == 1)
+      for (int64_t m = 0; m < M; m += 2) {
+        A[m * lda + (m * 7) % K] = (m / 2) % 3 == 0 ? nan : ((m / 2) % 3 == 1 ? inf : -inf);
+        bad_row[m] = true;
+      }
+    // test-side packing from the layout description in kernels.h
+    std::vector<float> packed(static_cast<size_t>(nt * K * 16), 0.0f);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t n = 0; n < N; ++n) packed[(n / 16) * K * 16 + k * 16 + n % 16] = Wl[k * N + n];
+    const PackedFloat W{packed.data(), K, N, nt};
+    const float* bp = cs.bias ? bias.data() : nullptr;
+    std::vector<float> Cr(static_cast<size_t>(M * ldc), -7.0f), Cp = Cr;
+    ref_kernels().gemm_f32(A.data(), lda, M, W, 0, nt, bp, Cr.data(), ldc);
+    const int64_t mid = nt / 2;
+    kt.gemm_f32(A.data(), lda, M, W, 0, mid, bp, Cp.data(), ldc);
+    kt.gemm_f32(A.data(), lda, M, W, mid, nt, bp, Cp.data(), ldc);
+    int bad = 0;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < ldc; ++n) {
+        const float r = Cr[m * ldc + n], q = Cp[m * ldc + n];
+        bool ok;
+        double mag = 0.0;
+        if (n >= N) {
+          ok = q == -7.0f;
+        } else if (bad_row[m]) {
+          ok = !std::isfinite(r) && !std::isfinite(q);
+        } else {
+          for (int64_t k = 0; k < K; ++k) mag += std::fabs(static_cast<double>(A[m * lda + k]) * Wl[k * N + n]);
+          if (bp) mag += std::fabs(bp[n]);
+          ok = std::isfinite(q) && std::fabs(static_cast<double>(q) - r) <= (K + 3) * 0x1p-24 * mag + K * 1.5e-45;
+        }
+        if (!ok && bad++ < 3)
+          CHECK(false, "%s gemm_f32 M=%lld K=%lld N=%lld [%lld,%lld] ref=%g path=%g mag=%g", kt.name, (long long)M,
+                (long long)K, (long long)N, (long long)m, (long long)n, r, q, mag);
+        else ++g_checks;
+      }
+  }
+}
+
 void spec_checks() {
   // fp16 scales: every half converts to the float it denotes and back (NaN stays NaN); rounding
   // to half is to nearest even with overflow to inf.
@@ -475,12 +549,14 @@ int main(int argc, char** argv) {
     const int before = g_failures;
     for (const Case& c : cases) run_case(kt, c, rng);
     swiglu_checks(kt, rng);
+    f32_checks(kt, rng, quick);
     std::printf("path %s: %s (%zu cases)\n", kt.name, g_failures == before ? "ok" : "FAILED", cases.size());
     ++tested;
   }
   // The ref table against itself still exercises the harness (and is all a plain build has).
   if (tested == 0) {
     for (const Case& c : cases) run_case(ref_kernels(), c, rng);
+    f32_checks(ref_kernels(), rng, quick);
     std::printf("path ref: %s\n", g_failures ? "FAILED" : "ok");
   }
   std::printf("%d checks, %d failures\n", g_checks, g_failures);

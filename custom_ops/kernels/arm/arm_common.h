@@ -27,6 +27,8 @@ void neon_quantize_rows(const float* A, int64_t lda, int64_t K, int64_t m_begin,
 void neon_gemm_a16(const float* A, int64_t M, const PackedInt4& W, int64_t tile_begin,
                    int64_t tile_end, const float* bias, float* C, int64_t ldc);
 void neon_swiglu(const float* Z, int64_t ldz, int64_t M, int64_t I, float* Y, int64_t ldy);
+void neon_gemm_f32(const float* A, int64_t lda, int64_t M, const PackedFloat& W, int64_t tile_begin,
+                   int64_t tile_end, const float* bias, float* C, int64_t ldc);
 
 namespace {
 

@@ -23,7 +23,8 @@ void dotprod_gemm_int(const QuantizedRows& A, int64_t M, int act_bits, const Pac
 
 const KernelTable& dotprod_kernels() {
   static const KernelTable t{"dotprod", arm::neon_quantize_rows, arm::neon_gemm_a16,
-                             arm::dotprod_gemm_int, arm::dotprod_int_block_dots, arm::neon_swiglu};
+                             arm::dotprod_gemm_int, arm::dotprod_int_block_dots, arm::neon_swiglu,
+                             arm::neon_gemm_f32};
   return t;
 }
 

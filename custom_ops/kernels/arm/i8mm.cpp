@@ -74,7 +74,8 @@ void i8mm_gemm_int(const QuantizedRows& A, int64_t M, int act_bits, const Packed
 
 const KernelTable& i8mm_kernels() {
   static const KernelTable t{"i8mm", arm::neon_quantize_rows, arm::neon_gemm_a16,
-                             arm::i8mm_gemm_int, arm::i8mm_int_block_dots, arm::neon_swiglu};
+                             arm::i8mm_gemm_int, arm::i8mm_int_block_dots, arm::neon_swiglu,
+                             arm::neon_gemm_f32};
   return t;
 }
 

@@ -422,6 +422,77 @@ void neon_swiglu(const float* Z, int64_t ldz, int64_t M, int64_t I, float* Y, in
   }
 }
 
+// ----------------------------------------------------------------------------------------------
+// Float weights (PackedMatMul): a 16-column tile is four q registers.
+
+namespace {
+
+// C row (first `valid` columns) = acc (+ bias); through a copy for a partial last tile.
+inline void store_tile(float* c, const float32x4_t acc[4], const float* bias, int64_t valid) {
+  float out[kTileN];
+  for (int q = 0; q < 4; ++q) vst1q_f32(out + 4 * q, acc[q]);
+  for (int64_t j = 0; j < valid; ++j) c[j] = bias ? out[j] + bias[j] : out[j];
+}
+
+// R rows x one tile over all of K, four k per step: each row's four activations in one register,
+// each weight line used through vfmaq_laneq (R = 4: 16 accumulators, 4 weight and 4 activation
+// registers). The rows share every weight load; for R = 1 (decode) the tile is one sequential
+// stream.
+template <int R>
+void f32_rows(const float* A, int64_t lda, const PackedFloat& W, int64_t t, const float* bias, float* C,
+              int64_t ldc) {
+  const int64_t K = W.K;
+  const float* w = W.data + t * K * kTileN;
+  float32x4_t c[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < 4; ++q) c[r][q] = vdupq_n_f32(0.0f);
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    float32x4_t a[R];
+    for (int r = 0; r < R; ++r) a[r] = vld1q_f32(A + r * lda + k);
+#define LLMFOLD_F32_LANE(L)                                                                      \
+  {                                                                                              \
+    const float* wl = w + (k + L) * kTileN;                                                      \
+    const float32x4_t w0 = vld1q_f32(wl), w1 = vld1q_f32(wl + 4), w2 = vld1q_f32(wl + 8),        \
+                      w3 = vld1q_f32(wl + 12);                                                   \
+    for (int r = 0; r < R; ++r) {                                                                \
+      c[r][0] = vfmaq_laneq_f32(c[r][0], w0, a[r], L);                                           \
+      c[r][1] = vfmaq_laneq_f32(c[r][1], w1, a[r], L);                                           \
+      c[r][2] = vfmaq_laneq_f32(c[r][2], w2, a[r], L);                                           \
+      c[r][3] = vfmaq_laneq_f32(c[r][3], w3, a[r], L);                                           \
+    }                                                                                            \
+  }
+    LLMFOLD_F32_LANE(0)
+    LLMFOLD_F32_LANE(1)
+    LLMFOLD_F32_LANE(2)
+    LLMFOLD_F32_LANE(3)
+#undef LLMFOLD_F32_LANE
+  }
+  for (; k < K; ++k) {
+    const float* wl = w + k * kTileN;
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < 4; ++q) c[r][q] = vfmaq_n_f32(c[r][q], vld1q_f32(wl + 4 * q), A[r * lda + k]);
+  }
+  const int64_t n0 = t * kTileN, valid = std::min<int64_t>(kTileN, W.N - n0);
+  for (int r = 0; r < R; ++r) store_tile(C + r * ldc + n0, c[r], bias ? bias + n0 : nullptr, valid);
+}
+
+}  // namespace
+
+void neon_gemm_f32(const float* A, int64_t lda, int64_t M, const PackedFloat& W, int64_t t0, int64_t t1,
+                   const float* bias, float* C, int64_t ldc) {
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) f32_rows<4>(A + m * lda, lda, W, t, bias, C + m * ldc, ldc);
+    switch (M - m) {
+      case 3: f32_rows<3>(A + m * lda, lda, W, t, bias, C + m * ldc, ldc); break;
+      case 2: f32_rows<2>(A + m * lda, lda, W, t, bias, C + m * ldc, ldc); break;
+      case 1: f32_rows<1>(A + m * lda, lda, W, t, bias, C + m * ldc, ldc); break;
+      default: break;
+    }
+  }
+}
+
 }  // namespace arm
 
 // Default A4 variant of the "neon" table, chosen by instructions per MAC of the inner loops
@@ -431,14 +502,14 @@ constexpr bool kNeonA4Agile = false;
 const KernelTable& neon_kernels() {
   static const KernelTable t{"neon", arm::neon_quantize_rows, arm::neon_gemm_a16,
                              arm::neon_gemm_int<kNeonA4Agile>,
-                             arm::neon_int_block_dots<kNeonA4Agile>, arm::neon_swiglu};
+                             arm::neon_int_block_dots<kNeonA4Agile>, arm::neon_swiglu, arm::neon_gemm_f32};
   return t;
 }
 
 const KernelTable& neon_alt_a4_kernels() {
   static const KernelTable t{kNeonA4Agile ? "neon-mull4" : "neon-agile", arm::neon_quantize_rows,
                              arm::neon_gemm_a16, arm::neon_gemm_int<!kNeonA4Agile>,
-                             arm::neon_int_block_dots<!kNeonA4Agile>, arm::neon_swiglu};
+                             arm::neon_int_block_dots<!kNeonA4Agile>, arm::neon_swiglu, arm::neon_gemm_f32};
   return t;
 }
 

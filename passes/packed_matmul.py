@@ -1,0 +1,126 @@
+"""Float32 linears → llmfold.PackedMatMul: the same products, weights in the order decode reads them.
+
+A MatMul Y = X·W with a constant float32 weight W [K, N] becomes PackedMatMul(X, B) with
+B = W's columns in 16-column tiles, [n_tiles, K, 16] (custom_ops/kernels/kernels.h; the padded
+columns of the last tile are zero and never written out). Every output is still the dot product of
+a row of X with a column of W; only the order of the float additions differs (ONNX Runtime's MLAS
+blocks its sums one way, the PackedMatMul kernels another; both stay within K·2⁻²⁴·Σ|x·w| of the
+exact sum). So the pass is exact up to float summation order: the tests compare a compiled tiny
+model's logits with the input model's.
+
+Why: a decode step multiplies one row by every weight matrix, so its speed is how fast the weights
+stream from memory. The PackedMatMul kernels read each matrix once, front to back, at any width
+(at M = 1 a 16-column tile is one contiguous run of K 64-byte lines); ONNX Runtime's MatMul reached
+less of the memory bandwidth on the same weights, most visibly on the many small matrices of
+SVD-LLM's low-rank pairs (custom_ops/README.md, "PackedMatMul").
+
+Low-rank pairs stay pairs: both factors are converted and keep the SVD pass's layer tag, so the
+structure analysis still sees one low-rank linear. `unpack_packed_matmuls` is the inverse (exact),
+run before any pass that needs plain MatMuls (CompilerPass.needs_plain_layout). Run this pass last:
+it is a runtime layout, like pack_qkv and logits_to_keep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from compiler.analyze import const_array, is_onnx_op
+from compiler.custom_ops import DOMAIN, OPSET_VERSION, pack_float_tiles, unpack_float_tiles
+from passes._weights import add_weight
+from passes.base import CompilerPass, register_pass
+
+OP = "PackedMatMul"
+
+
+def _packable_weight(node: ir.Node) -> np.ndarray | None:
+    """W [K, N] float32 when `node` is a MatMul of a non-constant X by a constant 2-D float32 W."""
+    if not is_onnx_op(node, "MatMul") or len(node.inputs) != 2:
+        return None
+    x, w = node.inputs
+    if x is None or w is None or const_array(x) is not None:
+        return None
+    W = const_array(w)
+    if W is None or W.ndim != 2 or W.dtype != np.float32 or min(W.shape) < 1:
+        return None
+    return W
+
+
+def _weight_name(value: ir.Value, suffix: str) -> str:
+    return (value.name or "weight") + suffix
+
+
+def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+    """`new` computes what `old` did: same output name, type, shape and layer tag; `old` goes."""
+    new.metadata_props.update(old.metadata_props)  # the SVD pass's layer tags
+    out, name = old.outputs[0], old.outputs[0].name
+    new.outputs[0].type, new.outputs[0].shape = out.type, out.shape
+    graph.insert_before(old, new)
+    out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+    graph.remove(old, safe=True)
+    out.name = None
+    new.outputs[0].name = name
+
+
+def pack_matmuls(model: ir.Model) -> tuple[int, int]:
+    """Every packable MatMul → PackedMatMul; (nodes converted, weight parameters they hold)."""
+    graph = model.graph
+    count = params = 0
+    for node in [n for n in graph if is_onnx_op(n, "MatMul")]:
+        W = _packable_weight(node)
+        if W is None:
+            continue
+        K, N = W.shape
+        packed = add_weight(model, _weight_name(node.inputs[1], ".tiles"), pack_float_tiles(W), np.float32)
+        name = node.name[: -len("/MatMul")] + f"/{OP}" if node.name.endswith("/MatMul") else f"{node.name}/{OP}"
+        new = ir.Node(DOMAIN, OP, [node.inputs[0], packed], attributes=[ir.AttrInt64("K", K), ir.AttrInt64("N", N)],
+                      name=name)
+        _replace(graph, node, new)
+        count += 1
+        params += K * N
+    if count:
+        model.opset_imports.setdefault(DOMAIN, OPSET_VERSION)
+    RemoveUnusedNodesPass()(model)  # the plain weights nothing reads any more
+    return count, params
+
+
+def unpack_packed_matmuls(model: ir.Model) -> int:
+    """The inverse: every PackedMatMul with a constant weight (and no bias) → MatMul; how many."""
+    graph = model.graph
+    count = 0
+    for node in [n for n in graph if n.op_type == OP and n.domain == DOMAIN]:
+        B = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if B is None or (len(node.inputs) > 2 and node.inputs[2] is not None):
+            continue
+        K, N = node.attributes.get_int("K"), node.attributes.get_int("N")
+        W = add_weight(model, _weight_name(node.inputs[1], "").removesuffix(".tiles"), unpack_float_tiles(B, K, N))
+        name = node.name[: -len(f"/{OP}")] + "/MatMul" if node.name.endswith(f"/{OP}") else f"{node.name}/MatMul"
+        _replace(graph, node, ir.Node("", "MatMul", [node.inputs[0], W], name=name))
+        count += 1
+    if count:
+        RemoveUnusedNodesPass()(model)
+    return count
+
+
+@dataclasses.dataclass
+class PackedMatMulParams:
+    def validate(self) -> None:
+        pass
+
+
+@register_pass
+class PackedMatMulPass(CompilerPass):
+    name = "packed_matmul"
+    Params = PackedMatMulParams
+    description = "float32 MatMuls → llmfold.PackedMatMul (weights in 16-column tiles; exact up to float summation order)"
+    needs_plain_layout = False
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        count, params = pack_matmuls(model)
+        self.ctx.invalidate_structure()
+        self.ctx.record(packed_matmuls=count, packed_params=params)
+        self.ctx.log(f"{count} float32 MatMuls ({params / 1e6:.1f} M parameters) became PackedMatMul nodes")
+        return ir.passes.PassResult(model, count > 0)

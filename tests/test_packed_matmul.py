@@ -1,0 +1,112 @@
+"""packed_matmul: float32 MatMuls → llmfold.PackedMatMul, the same products up to float summation order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from compiler import runtime
+from compiler.custom_ops import unpack_float_tiles
+from compiler.driver import compile_model
+from compiler.modeldir import open_model_dir
+from compiler.testing import _training_text, compile_recipe_text
+from passes.base import REGISTRY, CompilerPass
+
+PACKED = '[[pass]]\nname = "packed_matmul"\n'
+SVD = '[calibration]\nwindows = 8\nseq_len = 64\n[[pass]]\nname = "svd"\nratio = 0.3\nupdate = false\n'
+
+
+def _ops(d: Path) -> list[str]:
+    return [n.op_type for n in ir.load(d / "model.onnx").graph]
+
+
+def _outputs(d: Path):
+    lm = runtime.open_session(d, threads=1)
+    ids = np.arange(5, 45)
+    g = lm.greedy(ids, 8, keep_logits=True)
+    return lm.prefill_logits(ids), g["tokens"], g["logits"]
+
+
+def _close(a: Path, b: Path) -> None:
+    """Same greedy tokens; logits within float summation error (measured ≤ 2e-6 on the tiny model)."""
+    pa, ta, la = _outputs(a)
+    pb, tb, lb = _outputs(b)
+    assert ta == tb
+    np.testing.assert_allclose(pa, pb, rtol=0, atol=2e-5 * np.abs(pa).max())
+    np.testing.assert_allclose(la, lb, rtol=0, atol=2e-5 * np.abs(la).max())
+
+
+def test_every_float_matmul_becomes_packed_with_the_same_products(tiny_model_dir, tmp_path):
+    plain = compile_recipe_text(tiny_model_dir, tmp_path, "plain", '[[pass]]\nname = "cleanup"\n')
+    packed = compile_recipe_text(tiny_model_dir, tmp_path, "packed", PACKED)
+    n_matmul = _ops(plain).count("MatMul")
+    assert n_matmul > 0 and _ops(packed).count("PackedMatMul") == n_matmul and "MatMul" not in _ops(packed)
+    _close(plain, packed)
+    # the packed tensors are the plain weights in tiles, exactly (and nothing else is stored)
+    m_plain, m_packed = ir.load(plain / "model.onnx"), ir.load(packed / "model.onnx")
+    for node in m_packed.graph:
+        if node.op_type == "PackedMatMul":
+            K, N = node.attributes.get_int("K"), node.attributes.get_int("N")
+            name = node.inputs[1].name.removesuffix(".tiles")
+            W = m_plain.graph.initializers[name].const_value.numpy()
+            assert np.array_equal(unpack_float_tiles(node.inputs[1].const_value.numpy(), K, N), W), name
+            assert name not in m_packed.graph.initializers
+    rec = json.loads((packed / "llmfold.json").read_text())
+    assert rec["passes"][-1]["records"][0]["packed_matmuls"] == n_matmul
+    assert rec["custom_ops_library"] == "libllmfold_ops.so"
+    # the structure analysis still sees every linear, dense, lm_head included
+    st = open_model_dir(packed).structure()
+    assert all(lin.kind == "dense" for lin in st.linears()) and st.lm_head is not None
+    assert {lin.name for lin in st.linears()} == {lin.name for lin in open_model_dir(plain).structure().linears()}
+
+
+def test_low_rank_pairs_stay_pairs(tiny_model_dir, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join([_training_text()] * 3))
+    svd = compile_recipe_text(tiny_model_dir, tmp_path, "svd", SVD, calib=calib)
+    packed = compile_recipe_text(svd, tmp_path, "svd_packed", PACKED)
+    _close(svd, packed)
+    before, after = open_model_dir(svd).structure(), open_model_dir(packed).structure()
+    for a, b in zip(before.linears(), after.linears()):
+        assert (b.name, b.kind, b.rank, len(b.nodes)) == (a.name, a.kind, a.rank, len(a.nodes)), b.name
+    assert sum(lin.kind == "low-rank" for lin in after.linears()) == 2 * 7
+    # inspect reports the layers unchanged in kind, rank and width
+    from compiler.inspect import diff_reports, inspect_model
+
+    d = diff_reports(inspect_model(svd), inspect_model(packed))
+    assert [c for c in d["changed_layers"] if set(c["changes"]) - {"bytes"}] == []
+
+
+class _ReadsLinears(CompilerPass):
+    """Stands for any pass that rewrites linears: it must see plain MatMuls."""
+
+    name = "test-reads-linears-packed"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        assert not any(n.op_type == "PackedMatMul" for n in model.graph)
+        return ir.passes.PassResult(model, False)
+
+
+def test_passes_after_it_see_plain_matmuls_exactly(tiny_model_dir, tmp_path):
+    """A pass that rewrites linears, run after packed_matmul, gets the plain MatMuls back: the same
+    graph and the same weights, bit for bit, as when it runs on the unpacked model."""
+    from compiler.recipe import CalibrationConfig, PassSpec, Recipe
+
+    plain = compile_recipe_text(tiny_model_dir, tmp_path, "plain", '[[pass]]\nname = "cleanup"\n')
+    packed = compile_recipe_text(tiny_model_dir, tmp_path, "packed", PACKED)
+    REGISTRY[_ReadsLinears.name] = _ReadsLinears
+    try:
+        recipe = Recipe("reads", None, "", CalibrationConfig(windows=2, seq_len=16),
+                        [PassSpec(_ReadsLinears.name, _ReadsLinears.Params(), {})])
+        via_plain = compile_model(plain, tmp_path / "via_plain", recipe=recipe, progress=False)
+        via_packed = compile_model(packed, tmp_path / "via_packed", recipe=recipe, progress=False)
+    finally:
+        del REGISTRY[_ReadsLinears.name]
+    assert "PackedMatMul" not in _ops(via_packed) and sorted(_ops(via_packed)) == sorted(_ops(via_plain))
+    a, b = ir.load(via_plain / "model.onnx").graph.initializers, ir.load(via_packed / "model.onnx").graph.initializers
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name].const_value.numpy(), b[name].const_value.numpy()), name
