@@ -1,4 +1,5 @@
-// Microbenchmark of the active kernel path without ONNX Runtime (single thread), for tuning.
+// Microbenchmark of the active kernel path without ONNX Runtime (single thread), for tuning: QMatMul's
+// A8/A4/A16 kernels and PackedMatMul's float32 one on the same shape.
 // Usage: llmfold_kernel_bench M K N [block_size] [reps] [col_tasks] [copies]   -> min / median thread-CPU
 // microseconds per call. col_tasks > 1 splits the column tiles into that many calls, one after the other, as
 // the ORT glue's task grid does with one thread (each call repeats its per-call setup: activation packing).
@@ -102,5 +103,20 @@ int main(int argc, char** argv) {
   std::printf("%s a16 M=%lld K=%lld N=%lld: min %.1f us  median %.1f us  (%.2f GB/s int4, %.1f GMAC/s)\n", kt.name,
               (long long)M, (long long)K, (long long)N, r.first, r.second, wbytes / r.first / 1e3,
               double(M) * K * N / r.first / 1e3);
+  // PackedMatMul's float32 tiles: copies of K x N floats (the same rotation as above)
+  std::vector<float> fstore;
+  const int64_t fsize = nt * K * kTileN;
+  float* const fdata = scratch(fstore, static_cast<size_t>(copies * fsize));
+  for (int64_t i = 0; i < copies * fsize; ++i) fdata[i] = U(rng);
+  int64_t fcopy = 0;
+  auto f = time_it([&] {
+    const PackedFloat W{fdata + fcopy * fsize, K, N, nt};
+    fcopy = (fcopy + 1) % copies;
+    for (int64_t t0 = 0; t0 < nt; t0 += (nt + col_tasks - 1) / col_tasks)
+      kt.gemm_f32(A.data(), K, M, W, t0, std::min(nt, t0 + (nt + col_tasks - 1) / col_tasks), nullptr, C.data(), N);
+  });
+  std::printf("%s f32 M=%lld K=%lld N=%lld: min %.1f us  median %.1f us  (%.2f GB/s float32, %.1f GMAC/s)\n", kt.name,
+              (long long)M, (long long)K, (long long)N, f.first, f.second, 4.0 * K * N / f.first / 1e3,
+              double(M) * K * N / f.first / 1e3);
   return 0;
 }
