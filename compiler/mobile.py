@@ -4,7 +4,7 @@ OUTDIR holds
     model.ort                         the graph in ORT format (flatbuffer, weights inside), made by
                                       onnxruntime.tools.convert_onnx_models_to_ort (style Fixed,
                                       level "all", target platform arm: no x86-only NCHWc layouts)
-                                      with the llmfold op library registered, so QMatMul/TokenPrune
+                                      with the llmfold op library registered, so QMatMul/PackedMatMul/TokenPrune
                                       nodes are kept as custom nodes
     required_operators.config         the operators (and opsets) the model needs, for a reduced ORT
                                       build: build.sh --minimal_build --include_ops_by_config FILE
@@ -211,7 +211,7 @@ def _readme(meta: dict, custom: bool, library_note: str) -> str:
     lines.append("")
     if custom:
         lines += [
-            "Custom operators (domain llmfold: QMatMul, TokenPrune) must be registered before the",
+            "Custom operators (domain llmfold: QMatMul, PackedMatMul, TokenPrune) must be registered before the",
             "session is created, in one of two ways:",
             "",
             f"1. by path: {LIBRARY_NAME} ({library_note})",

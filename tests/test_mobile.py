@@ -73,6 +73,20 @@ def test_export_mobile_w4a8_keeps_custom_ops(tiny_w4a8, tmp_path):
     assert (out2 / "libllmfold_ops.so").read_bytes() == other.read_bytes()
 
 
+def test_export_mobile_keeps_packed_matmul(tiny_model_dir, tmp_path):
+    """A float model whose MatMuls became PackedMatMul (packed_matmul pass) ships the op library and
+    its .ort file gives the .onnx file's logits."""
+    from compiler.mobile import export_mobile
+    from compiler.testing import compile_recipe_text
+
+    packed = compile_recipe_text(tiny_model_dir, tmp_path, "packed", '[[pass]]\nname = "packed_matmul"\n')
+    out = export_mobile(packed, tmp_path / "m")
+    assert (out / "libllmfold_ops.so").is_file()
+    assert "llmfold;1;PackedMatMul" in (out / "required_operators.config").read_text().splitlines()
+    for a, b in zip(_ort_logits(out / "model.ort", packed, True), _ort_logits(packed / "model.onnx", packed, True)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
 def test_verify_detects_a_different_model(tiny_model_dir, tiny_w4a8, tmp_path):
     """The verification is not vacuous: the w4a8 .ort model against the fp32 .onnx one fails."""
     from compiler.mobile import export_mobile, verify_ort
