@@ -41,8 +41,8 @@ def _packable_weight(node: ir.Node) -> np.ndarray | None:
     if not is_onnx_op(node, "MatMul") or len(node.inputs) != 2:
         return None
     x, w = node.inputs
-    if x is None or w is None or const_array(x) is not None:
-        return None
+    if x is None or w is None or const_array(x) is not None or w.is_graph_input():
+        return None  # (a graph input's initializer is only a default the caller may replace)
     W = const_array(w)
     if W is None or W.ndim != 2 or W.dtype != np.float32 or min(W.shape) < 1:
         return None
@@ -66,21 +66,25 @@ def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
 
 
 def pack_matmuls(model: ir.Model) -> tuple[int, int]:
-    """Every packable MatMul → PackedMatMul; (nodes converted, weight parameters they hold)."""
+    """Every packable MatMul → PackedMatMul; (nodes converted, parameters of the weights packed)."""
     graph = model.graph
     count = params = 0
+    tiles: dict[int, ir.Value] = {}  # one packed copy per weight, however many MatMuls read it
     for node in [n for n in graph if is_onnx_op(n, "MatMul")]:
         W = _packable_weight(node)
         if W is None:
             continue
         K, N = W.shape
-        packed = add_weight(model, _weight_name(node.inputs[1], ".tiles"), pack_float_tiles(W), np.float32)
+        w = node.inputs[1]
+        if id(w) not in tiles:
+            tiles[id(w)] = add_weight(model, _weight_name(w, ".tiles"), pack_float_tiles(W), np.float32)
+            params += K * N
+        packed = tiles[id(w)]
         name = node.name[: -len("/MatMul")] + f"/{OP}" if node.name.endswith("/MatMul") else f"{node.name}/{OP}"
         new = ir.Node(DOMAIN, OP, [node.inputs[0], packed], attributes=[ir.AttrInt64("K", K), ir.AttrInt64("N", N)],
                       name=name)
         _replace(graph, node, new)
         count += 1
-        params += K * N
     if count:
         model.opset_imports.setdefault(DOMAIN, OPSET_VERSION)
     RemoveUnusedNodesPass()(model)  # the plain weights nothing reads any more

@@ -110,3 +110,33 @@ def test_passes_after_it_see_plain_matmuls_exactly(tiny_model_dir, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert np.array_equal(a[name].const_value.numpy(), b[name].const_value.numpy()), name
+
+
+def test_shared_weights_are_packed_once_and_graph_inputs_are_left_alone():
+    import onnx
+    from onnx import TensorProto as TP
+    from onnx import helper, numpy_helper
+
+    from passes.packed_matmul import pack_matmuls
+
+    rng = np.random.default_rng(0)
+    W = numpy_helper.from_array(rng.standard_normal((8, 20)).astype(np.float32), "W")
+    V = numpy_helper.from_array(rng.standard_normal((20, 5)).astype(np.float32), "V")
+    D = numpy_helper.from_array(rng.standard_normal((8, 20)).astype(np.float32), "D")  # also a graph input
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["a"], name="/a/MatMul"),
+         helper.make_node("MatMul", ["y", "W"], ["b"], name="/b/MatMul"),
+         helper.make_node("MatMul", ["a", "V"], ["c"], name="/c/MatMul"),
+         helper.make_node("MatMul", ["x", "D"], ["d"], name="/d/MatMul")],
+        "g", [helper.make_tensor_value_info(n, TP.FLOAT, [3, 8]) for n in ("x", "y")]
+        + [helper.make_tensor_value_info("D", TP.FLOAT, [8, 20])],
+        [helper.make_tensor_value_info(n, TP.FLOAT, s) for n, s in (("b", [3, 20]), ("c", [3, 5]), ("d", [3, 20]))],
+        [W, V, D])
+    model = ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    assert pack_matmuls(model) == (3, 8 * 20 + 20 * 5)
+    ops = {n.name: n.op_type for n in model.graph}
+    assert ops == {"/a/PackedMatMul": "PackedMatMul", "/b/PackedMatMul": "PackedMatMul",
+                   "/c/PackedMatMul": "PackedMatMul", "/d/MatMul": "MatMul"}
+    assert sorted(model.graph.initializers) == ["D", "V.tiles", "W.tiles"]
+    assert [v.name for v in model.graph.outputs] == ["b", "c", "d"]
+    onnx.checker.check_model(ir.serde.serialize_model(model))
