@@ -76,7 +76,8 @@ class CompilerPass(ir.passes.InPlacePass):
 
 
 def to_plain_layout(model: ir.Model, ctx: "CompileContext") -> bool:
-    """Split packed q/k/v and fused residual norms back and drop the logits_to_keep slice; changed?"""
+    """Split packed q/k/v and fused residual norms back, PackedMatMuls back to MatMuls, drop the
+    logits_to_keep slice; changed?"""
     from passes.logits import drop_logits_slice
     from passes.pack import unpack_qkv
     from passes.packed_matmul import unpack_packed_matmuls

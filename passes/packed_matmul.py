@@ -22,8 +22,6 @@ it is a runtime layout, like pack_qkv and logits_to_keep.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
@@ -109,16 +107,9 @@ def unpack_packed_matmuls(model: ir.Model) -> int:
     return count
 
 
-@dataclasses.dataclass
-class PackedMatMulParams:
-    def validate(self) -> None:
-        pass
-
-
 @register_pass
 class PackedMatMulPass(CompilerPass):
     name = "packed_matmul"
-    Params = PackedMatMulParams
     description = "float32 MatMuls → llmfold.PackedMatMul (weights in 16-column tiles; exact up to float summation order)"
     needs_plain_layout = False
 
