@@ -85,7 +85,7 @@ def pack_matmuls(model: ir.Model) -> tuple[int, int]:
         count += 1
     if count:
         model.opset_imports.setdefault(DOMAIN, OPSET_VERSION)
-    RemoveUnusedNodesPass()(model)  # the plain weights nothing reads any more
+        RemoveUnusedNodesPass()(model)  # the plain weights nothing reads any more
     return count, params
 
 
@@ -93,12 +93,16 @@ def unpack_packed_matmuls(model: ir.Model) -> int:
     """The inverse: every PackedMatMul with a constant weight (and no bias) → MatMul; how many."""
     graph = model.graph
     count = 0
+    plain: dict[int, ir.Value] = {}  # one plain weight per packed one, however many nodes read it
     for node in [n for n in graph if n.op_type == OP and n.domain == DOMAIN]:
         B = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
         if B is None or (len(node.inputs) > 2 and node.inputs[2] is not None):
             continue
         K, N = node.attributes.get_int("K"), node.attributes.get_int("N")
-        W = add_weight(model, _weight_name(node.inputs[1], "").removesuffix(".tiles"), unpack_float_tiles(B, K, N))
+        b = node.inputs[1]
+        if id(b) not in plain:
+            plain[id(b)] = add_weight(model, _weight_name(b, "").removesuffix(".tiles"), unpack_float_tiles(B, K, N))
+        W = plain[id(b)]
         name = node.name[: -len(f"/{OP}")] + "/MatMul" if node.name.endswith(f"/{OP}") else f"{node.name}/MatMul"
         _replace(graph, node, ir.Node("", "MatMul", [node.inputs[0], W], name=name))
         count += 1

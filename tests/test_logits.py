@@ -24,10 +24,18 @@ def _feeds(lm: runtime.LanguageModel, ids: np.ndarray) -> dict:
     return lm.feeds(ids, runtime.next_attention_mask(None, ids.shape[1], lm.kv_cache))
 
 
-def test_default_keeps_every_row_and_n_keeps_the_last_n_exactly(tiny_fused_dir, tmp_path):
-    out = compile_recipe_text(tiny_fused_dir, tmp_path, "keep", INT4 + LAYOUT + KEEP)
-    ref = compile_recipe_text(tiny_fused_dir, tmp_path, "ref", INT4 + LAYOUT)
-    assert json.loads((out / "llmfold.json").read_text())["passes"][-1]["records"][0]["added"] is True
+PACKED = '[[pass]]\nname = "packed_matmul"\n'
+
+
+@pytest.mark.parametrize("lm_head", ["QMatMul", "PackedMatMul"])
+def test_default_keeps_every_row_and_n_keeps_the_last_n_exactly(tiny_fused_dir, tmp_path, lm_head):
+    # PackedMatMul: its kernels compute a row the same way whatever the row count (kernels.h)
+    before, after = (INT4 + LAYOUT, "") if lm_head == "QMatMul" else (LAYOUT, PACKED)
+    out = compile_recipe_text(tiny_fused_dir, tmp_path, "keep", before + KEEP + after)
+    ref = compile_recipe_text(tiny_fused_dir, tmp_path, "ref", before + after)
+    passes = json.loads((out / "llmfold.json").read_text())["passes"]
+    assert next(p for p in passes if p["name"] == "logits_to_keep")["records"][0]["added"] is True
+    assert lm_head in [n.op_type for n in ir.load(out / "model.onnx").graph]
     a, b = runtime.open_session(ref, threads=1), runtime.open_session(out, threads=1)
     assert b.keeps_logits and not a.keeps_logits
     # an input with a default: callers that do not know it (genai, evaluation) are unaffected

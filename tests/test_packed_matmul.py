@@ -70,6 +70,7 @@ def test_low_rank_pairs_stay_pairs(tiny_model_dir, tmp_path):
     packed = compile_recipe_text(svd, tmp_path, "svd_packed", PACKED)
     _close(svd, packed)
     before, after = open_model_dir(svd).structure(), open_model_dir(packed).structure()
+    assert len(before.linears()) == len(after.linears())
     for a, b in zip(before.linears(), after.linears()):
         assert (b.name, b.kind, b.rank, len(b.nodes)) == (a.name, a.kind, a.rank, len(a.nodes)), b.name
     assert sum(lin.kind == "low-rank" for lin in after.linears()) == 2 * 7
@@ -117,7 +118,7 @@ def test_shared_weights_are_packed_once_and_graph_inputs_are_left_alone():
     from onnx import TensorProto as TP
     from onnx import helper, numpy_helper
 
-    from passes.packed_matmul import pack_matmuls
+    from passes.packed_matmul import pack_matmuls, unpack_packed_matmuls
 
     rng = np.random.default_rng(0)
     W = numpy_helper.from_array(rng.standard_normal((8, 20)).astype(np.float32), "W")
@@ -140,3 +141,16 @@ def test_shared_weights_are_packed_once_and_graph_inputs_are_left_alone():
     assert sorted(model.graph.initializers) == ["D", "V.tiles", "W.tiles"]
     assert [v.name for v in model.graph.outputs] == ["b", "c", "d"]
     onnx.checker.check_model(ir.serde.serialize_model(model))
+    # the inverse gives the shared weight back once, bit for bit
+    assert unpack_packed_matmuls(model) == 3
+    assert {n.name: n.op_type for n in model.graph} == {"/a/MatMul": "MatMul", "/b/MatMul": "MatMul",
+                                                         "/c/MatMul": "MatMul", "/d/MatMul": "MatMul"}
+    assert sorted(model.graph.initializers) == ["D", "V", "W"]
+    assert np.array_equal(model.graph.initializers["W"].const_value.numpy(), numpy_helper.to_array(W))
+    # nothing to pack: the graph is left as it is, unrelated dead nodes included
+    g2 = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="live"),
+                            helper.make_node("Relu", ["x"], ["unused"], name="dead")], "g2",
+                           [helper.make_tensor_value_info("x", TP.FLOAT, [3, 8])],
+                           [helper.make_tensor_value_info("y", TP.FLOAT, [3, 8])])
+    other = ir.serde.deserialize_model(helper.make_model(g2, opset_imports=[helper.make_opsetid("", 17)]))
+    assert pack_matmuls(other) == (0, 0) and [n.name for n in other.graph] == ["live", "dead"]

@@ -83,8 +83,10 @@ struct KernelTable {
 
   // PackedMatMul: C[m][n] = sum_k A[m][k] * W[k][n] (+ bias[n]) in float for rows [0, M) (A has
   // row stride lda and K columns, no padding) and column tiles [tile_begin, tile_end). Only
-  // columns n < N are written. Paths sum in their own order: within K * 2^-24 * sum_k |a_k w_k| of
-  // the exact sum (ref sums in double), non-finite where ref is.
+  // columns n < N are written. ref sums in double; the SIMD paths compute each output as one FMA
+  // chain over k in order, then + bias, so an output does not depend on M or on the tile range
+  // (logits_to_keep relies on it). Every path: within (K + 3) * 2^-24 * (sum_k |a_k w_k| + |bias|)
+  // of ref, non-finite where ref is.
   void (*gemm_f32)(const float* A, int64_t lda, int64_t M, const PackedFloat& W, int64_t tile_begin,
                    int64_t tile_end, const float* bias, float* C, int64_t ldc);
 };

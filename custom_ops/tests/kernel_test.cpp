@@ -271,7 +271,8 @@ void swiglu_checks(const KernelTable& kt, std::mt19937_64& rng) {
 // and beyond, K not a multiple of the unrolling (1, 3, 5, 577), odd N, partial tile ranges, bias,
 // NaN/Inf rows, large and subnormal magnitudes, long same-sign sums. Within (K + 3)·2^-24 of
 // sum_k |a_k w_k| + |bias| (any summation order stays inside it), non-finite where ref is, and
-// nothing written outside columns [0, N) of each row.
+// nothing written outside columns [0, N) of each row; bit for bit the same when each row is
+// computed alone and the tiles are split differently.
 void f32_checks(const KernelTable& kt, std::mt19937_64& rng, bool quick) {
   struct F32Case {
     int64_t M, K, N;
@@ -317,6 +318,18 @@ void f32_checks(const KernelTable& kt, std::mt19937_64& rng, bool quick) {
     const int64_t mid = nt / 2;
     kt.gemm_f32(A.data(), lda, M, W, 0, mid, bp, Cp.data(), ldc);
     kt.gemm_f32(A.data(), lda, M, W, mid, nt, bp, Cp.data(), ldc);
+    // Each output is the same float computation whatever the row count and the tile split (the
+    // paths' contract, kernels.h): row by row, with tile ranges [0, 1), [1, nt - 1), [nt - 1, nt).
+    std::vector<float> Cs(Cp.size(), -7.0f);
+    const int64_t cuts[4] = {0, std::min<int64_t>(1, nt), std::max<int64_t>(std::min<int64_t>(1, nt), nt - 1), nt};
+    for (int64_t m = 0; m < M; ++m)
+      for (int c = 0; c < 3; ++c)
+        if (cuts[c] < cuts[c + 1])
+          kt.gemm_f32(A.data() + m * lda, lda, 1, W, cuts[c], cuts[c + 1], bp, Cs.data() + m * ldc, ldc);
+    bool same = true;
+    for (size_t i = 0; i < Cp.size(); ++i) same = same && same_bits(Cp[i], Cs[i]);
+    CHECK(same, "%s gemm_f32 M=%lld K=%lld N=%lld: a row computed alone or with other tile splits differs", kt.name,
+          (long long)M, (long long)K, (long long)N);
     int bad = 0;
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < ldc; ++n) {

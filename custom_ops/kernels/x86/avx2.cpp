@@ -1180,85 +1180,67 @@ void swiglu(const float* Z, int64_t ldz, int64_t M, int64_t I, float* Y, int64_t
 }
 
 // ---- Float weights (PackedMatMul): a 16-column tile is two YMM halves ------------------------
-// Few rows (M <= 3, decode): tile after tile in memory order, two k at a time into separate
-// accumulators (R=3: 12 accumulators and 2 weight halves in the 16 YMM registers).
-template <int R>
-void f32_stream(const float* A, int64_t lda, const PackedFloat& W, int64_t t, const float* bias, float* C,
-                int64_t ldc) {
-  const int64_t K = W.K;
-  const float* w = W.data + t * K * kTileN;
-  __m256 acc[R][2][2];
+// One FMA chain per output over k in order, then + bias, as the avx512vnni path (see there): a
+// row's result does not depend on the row count or the split. The independent chains come from
+// R rows x T tiles: 1-2 rows run two tiles side by side (4-8 chains), 3+ rows one tile per strip
+// of up to 6 rows (12 accumulators, per k two weight halves and six broadcasts for 12 FMAs; the
+// tile's weights stay in L2 across the strips).
+template <int R, int T>
+void f32_strip(const float* A, int64_t lda, const PackedFloat& W, int64_t t0, const float* bias, float* C,
+               int64_t ldc) {
+  const int64_t K = W.K, tstride = K * kTileN;
+  const float* w = W.data + t0 * tstride;
+  __m256 c[R][T][2];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 2; ++c) acc[r][c][0] = acc[r][c][1] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 2 <= K; k += 2)
-    for (int c = 0; c < 2; ++c) {
-      const __m256 w0 = _mm256_loadu_ps(w + (k + c) * kTileN), w1 = _mm256_loadu_ps(w + (k + c) * kTileN + 8);
-      for (int r = 0; r < R; ++r) {
-        const __m256 a = _mm256_broadcast_ss(A + r * lda + k + c);
-        acc[r][c][0] = _mm256_fmadd_ps(w0, a, acc[r][c][0]);
-        acc[r][c][1] = _mm256_fmadd_ps(w1, a, acc[r][c][1]);
+    for (int j = 0; j < T; ++j) c[r][j][0] = c[r][j][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 w0[T], w1[T];
+    for (int j = 0; j < T; ++j) {
+      w0[j] = _mm256_loadu_ps(w + j * tstride + k * kTileN);
+      w1[j] = _mm256_loadu_ps(w + j * tstride + k * kTileN + 8);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
+      for (int j = 0; j < T; ++j) {
+        c[r][j][0] = _mm256_fmadd_ps(w0[j], a, c[r][j][0]);
+        c[r][j][1] = _mm256_fmadd_ps(w1[j], a, c[r][j][1]);
       }
     }
-  if (k < K) {
-    const __m256 w0 = _mm256_loadu_ps(w + k * kTileN), w1 = _mm256_loadu_ps(w + k * kTileN + 8);
-    for (int r = 0; r < R; ++r) {
-      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
-      acc[r][0][0] = _mm256_fmadd_ps(w0, a, acc[r][0][0]);
-      acc[r][0][1] = _mm256_fmadd_ps(w1, a, acc[r][0][1]);
-    }
   }
-  const int64_t n0 = t * kTileN, nvalid = std::min<int64_t>(kTileN, W.N - n0);
-  __m256 b0, b1;
-  load_bias(bias, n0, nvalid, b0, b1);
-  for (int r = 0; r < R; ++r)
-    store_cols(C + r * ldc + n0, _mm256_add_ps(_mm256_add_ps(acc[r][0][0], acc[r][1][0]), b0),
-               _mm256_add_ps(_mm256_add_ps(acc[r][0][1], acc[r][1][1]), b1), nvalid);
-}
-
-// More rows: R rows x one tile over all of K (6 rows: 12 accumulators, per k two weight halves and
-// six broadcasts for 12 FMAs); the tile's weights stay in L2 across the strips.
-template <int R>
-void f32_strip(const float* A, int64_t lda, const PackedFloat& W, int64_t t, const float* bias, float* C,
-               int64_t ldc) {
-  const int64_t K = W.K;
-  const float* w = W.data + t * K * kTileN;
-  __m256 c[R][2];
-  for (int r = 0; r < R; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(w + k * kTileN), w1 = _mm256_loadu_ps(w + k * kTileN + 8);
-    for (int r = 0; r < R; ++r) {
-      const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
-      c[r][0] = _mm256_fmadd_ps(w0, a, c[r][0]);
-      c[r][1] = _mm256_fmadd_ps(w1, a, c[r][1]);
-    }
+  for (int j = 0; j < T; ++j) {
+    const int64_t n0 = (t0 + j) * kTileN, nvalid = std::min<int64_t>(kTileN, W.N - n0);
+    __m256 b0, b1;
+    load_bias(bias, n0, nvalid, b0, b1);
+    for (int r = 0; r < R; ++r)
+      store_cols(C + r * ldc + n0, _mm256_add_ps(c[r][j][0], b0), _mm256_add_ps(c[r][j][1], b1), nvalid);
   }
-  const int64_t n0 = t * kTileN, nvalid = std::min<int64_t>(kTileN, W.N - n0);
-  __m256 b0, b1;
-  load_bias(bias, n0, nvalid, b0, b1);
-  for (int r = 0; r < R; ++r)
-    store_cols(C + r * ldc + n0, _mm256_add_ps(c[r][0], b0), _mm256_add_ps(c[r][1], b1), nvalid);
 }
 
 void gemm_f32(const float* A, int64_t lda, int64_t M, const PackedFloat& W, int64_t tile_begin, int64_t tile_end,
               const float* bias, float* C, int64_t ldc) {
-  for (int64_t t = tile_begin; t < tile_end; ++t) {
-    if (M <= 3) {
-      if (M == 1) f32_stream<1>(A, lda, W, t, bias, C, ldc);
-      else if (M == 2) f32_stream<2>(A, lda, W, t, bias, C, ldc);
-      else if (M == 3) f32_stream<3>(A, lda, W, t, bias, C, ldc);
-      continue;
+  int64_t t = tile_begin;
+  if (M <= 2) {
+    for (; t + 2 <= tile_end; t += 2) {
+      if (M == 1) f32_strip<1, 2>(A, lda, W, t, bias, C, ldc);
+      else f32_strip<2, 2>(A, lda, W, t, bias, C, ldc);
     }
+    if (t < tile_end) {
+      if (M == 1) f32_strip<1, 1>(A, lda, W, t, bias, C, ldc);
+      else f32_strip<2, 1>(A, lda, W, t, bias, C, ldc);
+    }
+    return;
+  }
+  for (; t < tile_end; ++t) {
     int64_t m = 0;
-    for (; m + 6 <= M; m += 6) f32_strip<6>(A + m * lda, lda, W, t, bias, C + m * ldc, ldc);
+    for (; m + 6 <= M; m += 6) f32_strip<6, 1>(A + m * lda, lda, W, t, bias, C + m * ldc, ldc);
     const float* a = A + m * lda;
     float* o = C + m * ldc;
     switch (M - m) {
-      case 5: f32_strip<5>(a, lda, W, t, bias, o, ldc); break;
-      case 4: f32_strip<4>(a, lda, W, t, bias, o, ldc); break;
-      case 3: f32_strip<3>(a, lda, W, t, bias, o, ldc); break;
-      case 2: f32_strip<2>(a, lda, W, t, bias, o, ldc); break;
-      case 1: f32_strip<1>(a, lda, W, t, bias, o, ldc); break;
+      case 5: f32_strip<5, 1>(a, lda, W, t, bias, o, ldc); break;
+      case 4: f32_strip<4, 1>(a, lda, W, t, bias, o, ldc); break;
+      case 3: f32_strip<3, 1>(a, lda, W, t, bias, o, ldc); break;
+      case 2: f32_strip<2, 1>(a, lda, W, t, bias, o, ldc); break;
+      case 1: f32_strip<1, 1>(a, lda, W, t, bias, o, ldc); break;
       default: break;
     }
   }

@@ -506,34 +506,13 @@ void swiglu(const float* Z, int64_t ldz, int64_t M, int64_t I, float* Y, int64_t
 }
 
 // ---- Float weights (PackedMatMul) -----------------------------------------------------------
-// Few rows (M <= 3, decode): tile after tile, the matrix's memory order, one sequential read the
-// hardware prefetchers follow; four k at a time into separate accumulators (four FMA chains).
-template <int R>
-void f32_stream(const float* A, int64_t lda, const PackedFloat& W, int64_t t, const float* bias, float* C,
-                int64_t ldc) {
-  const int64_t K = W.K;
-  const float* w = W.data + t * K * kTileN;
-  __m512 acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 4 <= K; k += 4)
-    for (int c = 0; c < 4; ++c) {
-      const __m512 wv = _mm512_loadu_ps(w + (k + c) * kTileN);
-      for (int r = 0; r < R; ++r) acc[r][c] = _mm512_fmadd_ps(wv, _mm512_set1_ps(A[r * lda + k + c]), acc[r][c]);
-    }
-  for (; k < K; ++k) {
-    const __m512 wv = _mm512_loadu_ps(w + k * kTileN);
-    for (int r = 0; r < R; ++r) acc[r][0] = _mm512_fmadd_ps(wv, _mm512_set1_ps(A[r * lda + k]), acc[r][0]);
-  }
-  const int64_t n0 = t * kTileN;
-  for (int r = 0; r < R; ++r)
-    store_row(C + r * ldc + n0, bias ? bias + n0 : nullptr, col_mask(W.N - n0),
-              _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3])), 1.0f);
-}
-
-// More rows: R rows x T tiles of accumulators over all of K (6 x 4: 24 accumulators, per k four
-// weight lines and six broadcasts for 24 FMAs); the group's weights stay in L2 across the strips.
+// Every output is one FMA chain over k in order (acc = fma(w_k, a_k, acc), then + bias), whatever
+// the row count, the tile split or the path (avx2 and NEON do the same): a row's result does not
+// depend on how many rows the call has, so logits_to_keep's last row equals the full prefill's.
+// The independent chains come from R rows x T tiles side by side. 1-3 rows (decode) read the T
+// tiles' lines in lockstep, T sequential streams; 4+ rows reuse each weight line for 6 rows
+// (6 x 4: 24 accumulators, per k four weight lines and six broadcasts for 24 FMAs), the group's
+// weights staying in L2 across the strips.
 template <int R, int T>
 void f32_strip(const float* A, int64_t lda, const PackedFloat& W, int64_t t0, const float* bias, float* C,
                int64_t ldc) {
@@ -576,14 +555,6 @@ void f32_strips(const float* A, int64_t lda, int64_t M, const PackedFloat& W, in
 
 void gemm_f32(const float* A, int64_t lda, int64_t M, const PackedFloat& W, int64_t tile_begin, int64_t tile_end,
               const float* bias, float* C, int64_t ldc) {
-  if (M <= 3) {
-    for (int64_t t = tile_begin; t < tile_end; ++t) {
-      if (M == 1) f32_stream<1>(A, lda, W, t, bias, C, ldc);
-      else if (M == 2) f32_stream<2>(A, lda, W, t, bias, C, ldc);
-      else if (M == 3) f32_stream<3>(A, lda, W, t, bias, C, ldc);
-    }
-    return;
-  }
   int64_t t = tile_begin;
   for (; t + 4 <= tile_end; t += 4) f32_strips<4>(A, lda, M, W, t, bias, C, ldc);
   switch (tile_end - t) {
