@@ -26,8 +26,9 @@ OPSET_VERSION = 1
 TILE_N = 16  # output columns per packed tile
 GROUP_K = 8  # k values per 64-byte packed group
 SCALE_DTYPE = np.float16  # block scales are stored as IEEE binary16 (half the bytes of float32)
-# llmfold.json "packed_layout" of compiled models: 2 = fp16 block scales (2026-12-07); models
-# without it hold float32 scales, which the op refuses (compiler.runtime says to recompile).
+# llmfold.json "packed_layout" of compiled models: 2 = QMatMul's fp16 block scales and PackedMatMul's
+# tile groups (both 2026-12-07); models without it hold float32 scales, which the op refuses
+# (compiler.runtime says to recompile). Bump it whenever a packed layout changes.
 PACKED_LAYOUT = 2
 FP16_MAX = 65504.0
 LIB_ENV = "LLMFOLD_OPS_LIB"
@@ -193,9 +194,19 @@ def dequantize_int4(data: np.ndarray, scales: np.ndarray, zero_points: np.ndarra
     return (u["q"].astype(np.float32) - zp[b].astype(np.float32)) * u["scales"][b]
 
 
+TILE_GROUP = 4  # PackedMatMul: tiles per group, whose k rows are stored side by side
+
+
+def _tile_groups(n_tiles: int):
+    """(first tile, tiles) of each PackedMatMul tile group."""
+    return [(t, min(TILE_GROUP, n_tiles - t)) for t in range(0, n_tiles, TILE_GROUP)]
+
+
 def pack_float_tiles(W: np.ndarray) -> np.ndarray:
-    """PackedMatMul's weight layout: float32 [K, N] → float32 [n_tiles, K, 16], column n of W at
-    [n // 16, :, n % 16], the padded columns of the last tile zero (custom_ops/kernels/kernels.h)."""
+    """PackedMatMul's weight layout: float32 [K, N] → a flat float32 array of n_tiles·K·16 values.
+    Columns in 16-column tiles (the last one zero-padded), tiles in groups of 4 stored [K][gt][16]
+    (gt = tiles in the group, 4 but for the last group), group after group: W[k, n] (tile t = n // 16)
+    is at 64·(t // 4)·K + 16·(k·gt + t % 4) + n % 16 (custom_ops/kernels/kernels.h)."""
     W = np.asarray(W)
     if W.ndim != 2 or W.shape[0] < 1 or W.shape[1] < 1:
         raise ValueError(f"pack_float_tiles needs a non-empty 2-D [K, N] weight, got shape {W.shape}")
@@ -205,7 +216,7 @@ def pack_float_tiles(W: np.ndarray) -> np.ndarray:
     n_tiles = -(-N // TILE_N)
     padded = np.zeros((K, n_tiles * TILE_N), np.float32)
     padded[:, :N] = W
-    return np.ascontiguousarray(padded.reshape(K, n_tiles, TILE_N).transpose(1, 0, 2))
+    return np.concatenate([padded[:, TILE_N * t: TILE_N * (t + gt)].reshape(-1) for t, gt in _tile_groups(n_tiles)])
 
 
 def unpack_float_tiles(packed: np.ndarray, K: int, N: int) -> np.ndarray:
@@ -215,7 +226,9 @@ def unpack_float_tiles(packed: np.ndarray, K: int, N: int) -> np.ndarray:
     if packed.dtype != np.float32 or packed.size != n_tiles * K * TILE_N:
         raise ValueError(f"packed float tiles of {packed.size} {packed.dtype} elements do not match K={K} N={N} "
                          f"(need {n_tiles * K * TILE_N} float32)")
-    W = packed.reshape(n_tiles, K, TILE_N).transpose(1, 0, 2).reshape(K, n_tiles * TILE_N)
+    flat = packed.reshape(-1)
+    W = np.concatenate([flat[K * TILE_N * t: K * TILE_N * (t + gt)].reshape(K, TILE_N * gt)
+                        for t, gt in _tile_groups(n_tiles)], axis=1)
     return np.ascontiguousarray(W[:, :N])
 
 
@@ -635,10 +648,11 @@ def _schemas():
     q.set_type_and_shape_inference_function(_qmatmul_infer)
     f = OS(
         "PackedMatMul", DOMAIN, OPSET_VERSION,
-        doc="Y[...,N] = A[...,K] . W[K,N] (+ bias) in float32, W in 16-column tiles [n_tiles, K, 16] "
-            "(custom_ops/README.md): ONNX MatMul's product with the weights in the order a decode step reads them.",
+        doc="Y[...,N] = A[...,K] . W[K,N] (+ bias) in float32, W in 16-column tiles, 4 tiles to a group stored "
+            "[K][tiles][16] (custom_ops/README.md): ONNX MatMul's product with the weights in the order a decode step "
+            "reads them.",
         inputs=[FP("A", "T", "float activations [..., K]"),
-                FP("B", "T", "packed float32 weights [n_tiles, K, 16]"),
+                FP("B", "T", "packed float32 weights, n_tiles*K*16 values (16-column tiles in groups of 4)"),
                 FP("bias", "T", "bias [N]", param_option=opt)],
         outputs=[FP("Y", "T", "output [..., N]")],
         type_constraints=[("T", ["tensor(float)"], "float")],

@@ -223,8 +223,8 @@ def linear_rows(model, st) -> list[dict]:
         else:
             w = inits.get(lin.weight) if lin.weight else None
             if w is None:
-                w = next((inits[n] for n in used[lin.name] if inits[n].shape is not None and len(inits[n].shape) in (2, 3)),
-                         None)  # [K, N], or PackedMatMul's tiles [n_tiles, K, 16]
+                w = next((inits[n] for n in used[lin.name] if inits[n].shape is not None and len(inits[n].shape) == 2),
+                         None) or next((inits[n] for n in used[lin.name]), None)  # [K, N], or PackedMatMul's tiles
             bits = int(w.dtype.itemsize * 8) if w is not None and w.dtype is not None else None
         rows.append(
             {

@@ -1,8 +1,8 @@
 """Float32 linears → llmfold.PackedMatMul: the same products, weights in the order decode reads them.
 
 A MatMul Y = X·W with a constant float32 weight W [K, N] becomes PackedMatMul(X, B) with
-B = W's columns in 16-column tiles, [n_tiles, K, 16] (custom_ops/kernels/kernels.h; the padded
-columns of the last tile are zero and never written out). Every output is still the dot product of
+B = W's columns in 16-column tiles, 4 tiles to a group whose k rows are stored side by side
+(custom_ops/kernels/kernels.h; the padded columns of the last tile are zero and never written out). Every output is still the dot product of
 a row of X with a column of W; only the order of the float additions differs (ONNX Runtime's MLAS
 blocks its sums one way, the PackedMatMul kernels another; both stay within K·2⁻²⁴·Σ|x·w| of the
 exact sum). So the pass is exact up to float summation order: the tests compare a compiled tiny
@@ -10,7 +10,7 @@ model's logits with the input model's.
 
 Why: a decode step multiplies one row by every weight matrix, so its speed is how fast the weights
 stream from memory. The PackedMatMul kernels read each matrix once, front to back, at any width
-(at M = 1 a 16-column tile is one contiguous run of K 64-byte lines); ONNX Runtime's MatMul reached
+(at M = 1 a group of four tiles is one contiguous run of K × 256 bytes); ONNX Runtime's MatMul reached
 less of the memory bandwidth on the same weights, most visibly on the many small matrices of
 SVD-LLM's low-rank pairs (custom_ops/README.md, "PackedMatMul").
 

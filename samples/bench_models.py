@@ -112,7 +112,8 @@ def build_ours_recipe(fp32_dir: Path, recipe: str, root: Path, threads: int, reb
     path = resolve_recipe_path(recipe)
     out = root / f"ours-{path.stem}"
     passes_code = b"".join(p.read_bytes() for p in sorted((REPO / "passes").glob("*.py")))
-    key = _digest("compile", path.read_bytes(), passes_code, (fp32_dir / "llmfold.json").read_bytes())
+    packers = (REPO / "compiler" / "custom_ops.py").read_bytes()  # the packed layouts' writers
+    key = _digest("compile", path.read_bytes(), passes_code, packers, (fp32_dir / "llmfold.json").read_bytes())
     seconds = None
     if rebuild or not _stamp_ok(out, key):
         shutil.rmtree(out, ignore_errors=True)

@@ -498,15 +498,21 @@ def packed_matmul_model(K, N, packed, bias=None, a_shape=None, a_type=TP.FLOAT, 
     return m
 
 
-@pytest.mark.parametrize("K,N", [(1, 1), (5, 17), (64, 16), (576, 230), (230, 576)])
+@pytest.mark.parametrize("K,N", [(1, 1), (5, 17), (64, 16), (3, 80), (576, 230), (230, 576)])
 def test_pack_float_tiles_round_trip(K, N):
     W = np.random.default_rng(K * N).standard_normal((K, N)).astype(np.float32)
     p = co.pack_float_tiles(W)
     nt = -(-N // 16)
-    assert p.shape == (nt, K, 16) and p.dtype == np.float32
-    for n in (0, N // 2, N - 1):  # column n at [n // 16, :, n % 16]
-        assert np.array_equal(p[n // 16, :, n % 16], W[:, n])
-    assert (p[-1, :, (N - 1) % 16 + 1:] == 0).all()  # padded columns are zero
+    assert p.shape == (nt * K * 16,) and p.dtype == np.float32
+    for n in (0, N // 2, N - 1):  # the layout's formula (kernels.h): groups of 4 tiles, [K][gt][16]
+        t = n // 16
+        gt = min(4, nt - t // 4 * 4)
+        at = 64 * (t // 4) * K + 16 * (np.arange(K) * gt + t % 4) + n % 16
+        assert np.array_equal(p[at], W[:, n])
+    last = nt - 1
+    gt = min(4, nt - last // 4 * 4)
+    pad = 64 * (last // 4) * K + 16 * (np.arange(K)[:, None] * gt + last % 4) + np.arange((N - 1) % 16 + 1, 16)
+    assert (p[pad] == 0).all()  # the last tile's padded columns
     assert np.array_equal(co.unpack_float_tiles(p, K, N), W)
     with pytest.raises(ValueError, match="float32"):
         co.pack_float_tiles(W.astype(np.float64))
@@ -569,10 +575,10 @@ def test_packed_matmul_bad_inputs(lib):
     s = session(packed_matmul_model(K, N, p, a_shape=["M", "Kdim"]))
     _expect_error(lambda: s.run(None, {"A": np.zeros((2, K + 1), np.float32)}),
                   "PackedMatMul: A's last dimension is 65 but attribute K is 64")
-    _expect_error(lambda: session(packed_matmul_model(K, N, p[:-1])).run(None, {"A": A}),
+    _expect_error(lambda: session(packed_matmul_model(K, N, p[:-1024])).run(None, {"A": A}),
                   "packed B has 1024 elements; K=64 N=20 needs exactly 2048 (n_tiles*K*16)")
     runtime = session(packed_matmul_model(K, N, p, const_weights=False))
-    _expect_error(lambda: runtime.run(None, {"A": A, "B": p[:, :-1]}), "packed B has")
+    _expect_error(lambda: runtime.run(None, {"A": A, "B": p[:-16]}), "packed B has")
     _expect_error(lambda: session(packed_matmul_model(K, N, p, bias=np.zeros(N - 1, np.float32))).run(None, {"A": A}),
                   "bias has 19 elements; needs N=20")
     _expect_error(lambda: session(packed_matmul_model(0, N, p)), "attribute K must be in [1, 2^30], got 0")

@@ -31,12 +31,25 @@ struct PackedInt4 {
   int64_t Kp() const { return n_blocks * block_size; }
 };
 
-// Float weights in 16-column tiles (llmfold.PackedMatMul): W[k][n] = data[(n / 16) K 16 + 16 k + n % 16],
-// zero in the padded columns n >= N of the last tile. A tile's k rows are consecutive 64-byte lines
-// and the tiles follow each other, so a call over all tiles reads the matrix once, in memory order.
+// Float weights in 16-column tiles, 4 tiles to a group (llmfold.PackedMatMul):
+//   group g = tiles 4g .. 4g + gt - 1, gt = min(4, n_tiles - 4g), stored [K][gt][16] from
+//   data + 4g·K·16 (every earlier group is full), so W[k][n] (t = n / 16, j = t % 4) is at
+//   data[4g·K·16 + (k·gt + j)·16 + n % 16]; the padded columns n >= N of the last tile are zero.
+// A group's k rows are consecutive runs of gt 64-byte lines and the groups follow each other: the
+// kernels read gt tiles in lockstep (gt independent FMA chains per row) as one sequential stream.
+constexpr int64_t kTileGroup = 4;
 struct PackedFloat {
-  const float* data;  // [n_tiles][K][16]
+  const float* data;  // n_tiles * K * 16 floats, in groups as above
   int64_t K, N, n_tiles;
+  // Tiles in tile t's group, and tile t's line k (16 floats).
+  int64_t group_tiles(int64_t t) const {
+    const int64_t left = n_tiles - t / kTileGroup * kTileGroup;
+    return left < kTileGroup ? left : kTileGroup;
+  }
+  const float* line(int64_t t, int64_t k) const {
+    const int64_t g0 = t / kTileGroup * kTileGroup;
+    return data + g0 * K * kTileN + (k * group_tiles(t) + (t - g0)) * kTileN;
+  }
 };
 
 // Per-token dynamic symmetric activation quantization (act_bits 8: [-127, 127], 4: [-7, 7]).

@@ -307,10 +307,13 @@ void f32_checks(const KernelTable& kt, std::mt19937_64& rng, bool quick) {
         A[m * lda + (m * 7) % K] = (m / 2) % 3 == 0 ? nan : ((m / 2) % 3 == 1 ? inf : -inf);
         bad_row[m] = true;
       }
-    // test-side packing from the layout description in kernels.h
+    // test-side packing from the layout description in kernels.h (groups of 4 tiles, [K][gt][16])
     std::vector<float> packed(static_cast<size_t>(nt * K * 16), 0.0f);
     for (int64_t k = 0; k < K; ++k)
-      for (int64_t n = 0; n < N; ++n) packed[(n / 16) * K * 16 + k * 16 + n % 16] = Wl[k * N + n];
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t t = n / 16, g = t / 4, gt = std::min<int64_t>(4, nt - 4 * g);
+        packed[4 * g * K * 16 + (k * gt + t % 4) * 16 + n % 16] = Wl[k * N + n];
+      }
     const PackedFloat W{packed.data(), K, N, nt};
     const float* bp = cs.bias ? bias.data() : nullptr;
     std::vector<float> Cr(static_cast<size_t>(M * ldc), -7.0f), Cp = Cr;

@@ -436,13 +436,13 @@ inline void store_tile(float* c, const float32x4_t acc[4], const float* bias, in
 
 // R rows x one tile over all of K, four k per step: each row's four activations in one register,
 // each weight line used through vfmaq_laneq (R = 4: 16 accumulators, 4 weight and 4 activation
-// registers). The rows share every weight load; for R = 1 (decode) the tile is one sequential
-// stream.
+// registers). The rows share every weight load. One FMA chain per output over k in order, then
+// + bias, as the x86 paths: a row's result does not depend on the row count.
 template <int R>
 void f32_rows(const float* A, int64_t lda, const PackedFloat& W, int64_t t, const float* bias, float* C,
               int64_t ldc) {
-  const int64_t K = W.K;
-  const float* w = W.data + t * K * kTileN;
+  const int64_t K = W.K, kstride = W.group_tiles(t) * kTileN;
+  const float* w = W.line(t, 0);
   float32x4_t c[R][4];
   for (int r = 0; r < R; ++r)
     for (int q = 0; q < 4; ++q) c[r][q] = vdupq_n_f32(0.0f);
@@ -452,7 +452,7 @@ void f32_rows(const float* A, int64_t lda, const PackedFloat& W, int64_t t, cons
     for (int r = 0; r < R; ++r) a[r] = vld1q_f32(A + r * lda + k);
 #define LLMFOLD_F32_LANE(L)                                                                      \
   {                                                                                              \
-    const float* wl = w + (k + L) * kTileN;                                                      \
+    const float* wl = w + (k + L) * kstride;                                                     \
     const float32x4_t w0 = vld1q_f32(wl), w1 = vld1q_f32(wl + 4), w2 = vld1q_f32(wl + 8),        \
                       w3 = vld1q_f32(wl + 12);                                                   \
     for (int r = 0; r < R; ++r) {                                                                \
@@ -469,7 +469,7 @@ void f32_rows(const float* A, int64_t lda, const PackedFloat& W, int64_t t, cons
 #undef LLMFOLD_F32_LANE
   }
   for (; k < K; ++k) {
-    const float* wl = w + k * kTileN;
+    const float* wl = w + k * kstride;
     for (int r = 0; r < R; ++r)
       for (int q = 0; q < 4; ++q) c[r][q] = vfmaq_n_f32(c[r][q], vld1q_f32(wl + 4 * q), A[r * lda + k]);
   }

@@ -121,14 +121,14 @@ void swiglu(const float* Z, int64_t ldz, int64_t M, int64_t I, float* Y, int64_t
     }
 }
 
-// Float weights: W[k][n] read from the tile layout (see kernels.h), summed in double.
+// Float weights: W[k][n] read from the tile-group layout (see kernels.h), summed in double.
 void gemm_f32(const float* A, int64_t lda, int64_t M, const PackedFloat& W, int64_t tile_begin, int64_t tile_end,
               const float* bias, float* C, int64_t ldc) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = tile_begin * kTileN; n < std::min(tile_end * kTileN, W.N); ++n) {
-      const float* w = W.data + (n / kTileN) * W.K * kTileN + n % kTileN;
       double acc = 0.0;
-      for (int64_t k = 0; k < W.K; ++k) acc += static_cast<double>(A[m * lda + k]) * w[k * kTileN];
+      for (int64_t k = 0; k < W.K; ++k)
+        acc += static_cast<double>(A[m * lda + k]) * W.line(n / kTileN, k)[n % kTileN];
       if (bias) acc += bias[n];
       C[m * ldc + n] = static_cast<float>(acc);
     }

@@ -1182,22 +1182,22 @@ void swiglu(const float* Z, int64_t ldz, int64_t M, int64_t I, float* Y, int64_t
 // ---- Float weights (PackedMatMul): a 16-column tile is two YMM halves ------------------------
 // One FMA chain per output over k in order, then + bias, as the avx512vnni path (see there): a
 // row's result does not depend on the row count or the split. The independent chains come from
-// R rows x T tiles: 1-2 rows run two tiles side by side (4-8 chains), 3+ rows one tile per strip
-// of up to 6 rows (12 accumulators, per k two weight halves and six broadcasts for 12 FMAs; the
-// tile's weights stay in L2 across the strips).
+// R rows x T tiles of one group: 1-2 rows run two tiles side by side (4-8 chains), 3+ rows one
+// tile per strip of up to 6 rows (12 accumulators, per k two weight halves and six broadcasts for
+// 12 FMAs; the group's weights stay in L2 across the strips). Tiles t0 .. t0 + T - 1 are in one group.
 template <int R, int T>
 void f32_strip(const float* A, int64_t lda, const PackedFloat& W, int64_t t0, const float* bias, float* C,
                int64_t ldc) {
-  const int64_t K = W.K, tstride = K * kTileN;
-  const float* w = W.data + t0 * tstride;
+  const int64_t K = W.K, kstride = W.group_tiles(t0) * kTileN;
+  const float* w = W.line(t0, 0);
   __m256 c[R][T][2];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < T; ++j) c[r][j][0] = c[r][j][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     __m256 w0[T], w1[T];
     for (int j = 0; j < T; ++j) {
-      w0[j] = _mm256_loadu_ps(w + j * tstride + k * kTileN);
-      w1[j] = _mm256_loadu_ps(w + j * tstride + k * kTileN + 8);
+      w0[j] = _mm256_loadu_ps(w + k * kstride + j * kTileN);
+      w1[j] = _mm256_loadu_ps(w + k * kstride + j * kTileN + 8);
     }
     for (int r = 0; r < R; ++r) {
       const __m256 a = _mm256_broadcast_ss(A + r * lda + k);
@@ -1216,33 +1216,35 @@ void f32_strip(const float* A, int64_t lda, const PackedFloat& W, int64_t t0, co
   }
 }
 
+template <int R>
+void f32_tile_pairs(const float* A, int64_t lda, const PackedFloat& W, int64_t t, int64_t end, const float* bias,
+                    float* C, int64_t ldc) {
+  for (; t + 2 <= end; t += 2) f32_strip<R, 2>(A, lda, W, t, bias, C, ldc);
+  if (t < end) f32_strip<R, 1>(A, lda, W, t, bias, C, ldc);
+}
+
 void gemm_f32(const float* A, int64_t lda, int64_t M, const PackedFloat& W, int64_t tile_begin, int64_t tile_end,
               const float* bias, float* C, int64_t ldc) {
-  int64_t t = tile_begin;
-  if (M <= 2) {
-    for (; t + 2 <= tile_end; t += 2) {
-      if (M == 1) f32_strip<1, 2>(A, lda, W, t, bias, C, ldc);
-      else f32_strip<2, 2>(A, lda, W, t, bias, C, ldc);
-    }
-    if (t < tile_end) {
-      if (M == 1) f32_strip<1, 1>(A, lda, W, t, bias, C, ldc);
-      else f32_strip<2, 1>(A, lda, W, t, bias, C, ldc);
-    }
-    return;
-  }
-  for (; t < tile_end; ++t) {
-    int64_t m = 0;
-    for (; m + 6 <= M; m += 6) f32_strip<6, 1>(A + m * lda, lda, W, t, bias, C + m * ldc, ldc);
-    const float* a = A + m * lda;
-    float* o = C + m * ldc;
-    switch (M - m) {
-      case 5: f32_strip<5, 1>(a, lda, W, t, bias, o, ldc); break;
-      case 4: f32_strip<4, 1>(a, lda, W, t, bias, o, ldc); break;
-      case 3: f32_strip<3, 1>(a, lda, W, t, bias, o, ldc); break;
-      case 2: f32_strip<2, 1>(a, lda, W, t, bias, o, ldc); break;
-      case 1: f32_strip<1, 1>(a, lda, W, t, bias, o, ldc); break;
-      default: break;
-    }
+  for (int64_t t = tile_begin; t < tile_end;) {  // group by group (a range may start or end mid-group)
+    const int64_t end = std::min(tile_end, (t / kTileGroup + 1) * kTileGroup);
+    if (M == 1) f32_tile_pairs<1>(A, lda, W, t, end, bias, C, ldc);
+    else if (M == 2) f32_tile_pairs<2>(A, lda, W, t, end, bias, C, ldc);
+    else
+      for (int64_t u = t; u < end; ++u) {
+        int64_t m = 0;
+        for (; m + 6 <= M; m += 6) f32_strip<6, 1>(A + m * lda, lda, W, u, bias, C + m * ldc, ldc);
+        const float* a = A + m * lda;
+        float* o = C + m * ldc;
+        switch (M - m) {
+          case 5: f32_strip<5, 1>(a, lda, W, u, bias, o, ldc); break;
+          case 4: f32_strip<4, 1>(a, lda, W, u, bias, o, ldc); break;
+          case 3: f32_strip<3, 1>(a, lda, W, u, bias, o, ldc); break;
+          case 2: f32_strip<2, 1>(a, lda, W, u, bias, o, ldc); break;
+          case 1: f32_strip<1, 1>(a, lda, W, u, bias, o, ldc); break;
+          default: break;
+        }
+      }
+    t = end;
   }
 }
 

@@ -508,22 +508,23 @@ void swiglu(const float* Z, int64_t ldz, int64_t M, int64_t I, float* Y, int64_t
 // ---- Float weights (PackedMatMul) -----------------------------------------------------------
 // Every output is one FMA chain over k in order (acc = fma(w_k, a_k, acc), then + bias), whatever
 // the row count, the tile split or the path (avx2 and NEON do the same): a row's result does not
-// depend on how many rows the call has, so logits_to_keep's last row equals the full prefill's.
-// The independent chains come from R rows x T tiles side by side. 1-3 rows (decode) read the T
-// tiles' lines in lockstep, T sequential streams; 4+ rows reuse each weight line for 6 rows
-// (6 x 4: 24 accumulators, per k four weight lines and six broadcasts for 24 FMAs), the group's
-// weights staying in L2 across the strips.
+// depend on how many rows the call has, so logits_to_keep's last row equals the full prefill's,
+// as with ONNX Runtime's MatMul. The independent chains come from R rows x T tiles of one group
+// side by side, whose lines are consecutive (kernels.h): 1-3 rows (decode) read the group as one
+// sequential stream with 4-12 chains; 4+ rows reuse each weight line for 6 rows (6 x 4: 24
+// accumulators, per k four weight lines and six broadcasts for 24 FMAs), the group's weights
+// staying in L2 across the strips. Tiles t0 .. t0 + T - 1 are in one group.
 template <int R, int T>
 void f32_strip(const float* A, int64_t lda, const PackedFloat& W, int64_t t0, const float* bias, float* C,
                int64_t ldc) {
-  const int64_t K = W.K, tstride = K * kTileN;
-  const float* w = W.data + t0 * tstride;
+  const int64_t K = W.K, kstride = W.group_tiles(t0) * kTileN;
+  const float* w = W.line(t0, 0);
   __m512 c[R][T];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < T; ++j) c[r][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     __m512 wv[T];
-    for (int j = 0; j < T; ++j) wv[j] = _mm512_loadu_ps(w + j * tstride + k * kTileN);
+    for (int j = 0; j < T; ++j) wv[j] = _mm512_loadu_ps(w + k * kstride + j * kTileN);
     for (int r = 0; r < R; ++r) {
       const __m512 a = _mm512_set1_ps(A[r * lda + k]);
       for (int j = 0; j < T; ++j) c[r][j] = _mm512_fmadd_ps(wv[j], a, c[r][j]);
@@ -555,13 +556,15 @@ void f32_strips(const float* A, int64_t lda, int64_t M, const PackedFloat& W, in
 
 void gemm_f32(const float* A, int64_t lda, int64_t M, const PackedFloat& W, int64_t tile_begin, int64_t tile_end,
               const float* bias, float* C, int64_t ldc) {
-  int64_t t = tile_begin;
-  for (; t + 4 <= tile_end; t += 4) f32_strips<4>(A, lda, M, W, t, bias, C, ldc);
-  switch (tile_end - t) {
-    case 3: f32_strips<3>(A, lda, M, W, t, bias, C, ldc); break;
-    case 2: f32_strips<2>(A, lda, M, W, t, bias, C, ldc); break;
-    case 1: f32_strips<1>(A, lda, M, W, t, bias, C, ldc); break;
-    default: break;
+  for (int64_t t = tile_begin; t < tile_end;) {  // group by group (a range may start or end mid-group)
+    const int64_t end = std::min(tile_end, (t / kTileGroup + 1) * kTileGroup);
+    switch (end - t) {
+      case 4: f32_strips<4>(A, lda, M, W, t, bias, C, ldc); break;
+      case 3: f32_strips<3>(A, lda, M, W, t, bias, C, ldc); break;
+      case 2: f32_strips<2>(A, lda, M, W, t, bias, C, ldc); break;
+      default: f32_strips<1>(A, lda, M, W, t, bias, C, ldc); break;
+    }
+    t = end;
   }
 }
 
