@@ -142,32 +142,36 @@ struct TaskGrid {
 
 // Few rows (decode steps): the call is bound by reading the weights, so the column tiles are split
 // by weight bytes: a power of two of tasks (1, 2, 4, ... 64: as many per thread with pools of 2, 4,
-// 8 threads), each streaming >= kStreamTaskBytes, ceil(tiles / tasks) tiles each (rounded up to an
-// even count when the kernel runs tile pairs). ORT's pool threads (the calling one included) claim
+// 8 threads), each streaming >= kStreamTaskBytes, ceil(tiles / tasks) tiles each, rounded up to a
+// multiple of `align` tiles (QMatMul's M = 1 kernel runs tile pairs; PackedMatMul's tiles come in
+// groups of 4 whose lines interleave, and a task starting mid-group would read half of every line
+// pair the hardware prefetchers fetch). ORT's pool threads (the calling one included) claim
 // the tasks dynamically, and a task costs a little (per-task setup, the claim): at M = 1, 2 threads
 // and a spinning worker, QMatMul 576x576 (weights in L3) takes 5.6 us in 2 tasks, 6.2 in 4, 7.8 in
 // 16 (9.5 in one thread; medians, see custom_ops/README.md "Threads").
 constexpr int64_t kStreamTaskBytes = int64_t{64} << 10;
-inline TaskGrid stream_grid(int64_t M, int64_t n_tiles, int64_t tile_bytes, bool even_tiles) {
+inline int64_t round_up(int64_t v, int64_t align) { return (v + align - 1) / align * align; }
+
+inline TaskGrid stream_grid(int64_t M, int64_t n_tiles, int64_t tile_bytes, int64_t align) {
   const int64_t fit = std::min<int64_t>(64, tile_bytes * n_tiles / kStreamTaskBytes);
   int64_t want = 1;
   while (want * 2 <= fit) want *= 2;
   TaskGrid g{1, 0, M, (n_tiles + want - 1) / want};
-  if (even_tiles && g.tiles_per > 1 && g.tiles_per % 2) ++g.tiles_per;
+  if (g.tiles_per > 1) g.tiles_per = round_up(g.tiles_per, align);
   g.col_tasks = (n_tiles + g.tiles_per - 1) / g.tiles_per;
   return g;
 }
 
-// More rows: chunks of >= min_tiles column tiles (per-task setup stays small against the work), at
-// most 64 tasks and about 2^20 MACs per task at least. Rows are split only when there is a single
-// column chunk (a row split repeats the per-tile weight preparation).
-inline TaskGrid gemm_grid(int64_t M, int64_t K, int64_t n_tiles, int64_t min_tiles) {
+// More rows: chunks of >= min_tiles column tiles (per-task setup stays small against the work),
+// a multiple of `align` tiles, at most 64 tasks and about 2^20 MACs per task at least. Rows are split
+// only when there is a single column chunk (a row split repeats the per-tile weight preparation).
+inline TaskGrid gemm_grid(int64_t M, int64_t K, int64_t n_tiles, int64_t min_tiles, int64_t align) {
   const int64_t macs = M * K * n_tiles * 16;
   const int64_t want = std::max<int64_t>(1, std::min<int64_t>(64, macs >> 20));
   TaskGrid g{};
   g.col_tasks = std::max<int64_t>(1, std::min(want, n_tiles / min_tiles));
   g.row_tasks = g.col_tasks > 1 ? 1 : std::max<int64_t>(1, std::min<int64_t>(want, M / 32));
-  g.tiles_per = (n_tiles + g.col_tasks - 1) / g.col_tasks;
+  g.tiles_per = round_up((n_tiles + g.col_tasks - 1) / g.col_tasks, align);
   g.col_tasks = (n_tiles + g.tiles_per - 1) / g.tiles_per;
   g.rows_per = (M + g.row_tasks - 1) / g.row_tasks;
   g.row_tasks = (M + g.rows_per - 1) / g.rows_per;

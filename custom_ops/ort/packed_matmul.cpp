@@ -80,9 +80,9 @@ struct PackedMatMulKernel {
     if (M == 0) return;
     Work w{&active_kernels(), PackedFloat{B.data<float>(), K, N, n_tiles}, A.data<float>(), bp,
            Yv.GetTensorMutableData<float>(), M, {}};
-    // Few rows (M <= 3: the streaming kernels, decode steps) split by weight bytes; more rows in
-    // chunks of >= 4 tiles (the x86 strips run 4 tiles at a time).
-    w.grid = M <= 3 ? stream_grid(M, n_tiles, K * kTileN * 4, false) : gemm_grid(M, K, n_tiles, 4);
+    // Few rows (M <= 3, decode steps) split by weight bytes, more rows in chunks of tiles; either
+    // way in whole tile groups, so that each task reads whole lines of the layout (common.h).
+    w.grid = M <= 3 ? stream_grid(M, n_tiles, K * kTileN * 4, kTileGroup) : gemm_grid(M, K, n_tiles, kTileGroup, kTileGroup);
     run_tasks(ctx, &PackedMatMulKernel::run_task, w.grid.row_tasks * w.grid.col_tasks, &w);
   }
 };

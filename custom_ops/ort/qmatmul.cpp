@@ -253,8 +253,8 @@ struct QMatMulKernel {
     // 1.01-1.08x faster, weights from DRAM; 1536x576 as 10, 10, 10, 6). More rows: chunks of >= 8
     // column tiles, >= 16 for 4+ rows (per-task setup - activation packing, per-row prescaling).
     const bool streaming = act_bits == 16 ? M < 3 : M < 4;
-    const TaskGrid grid = streaming ? stream_grid(M, n_tiles, Kp / 2 * kTileN + n_blocks * kTileN * (zp ? 3 : 2), true)
-                                    : gemm_grid(M, Kp, n_tiles, M >= 4 ? 16 : 8);
+    const TaskGrid grid = streaming ? stream_grid(M, n_tiles, Kp / 2 * kTileN + n_blocks * kTileN * (zp ? 3 : 2), 2)
+                                    : gemm_grid(M, Kp, n_tiles, M >= 4 ? 16 : 8, 1);
     w.row_tasks = grid.row_tasks;
     w.col_tasks = grid.col_tasks;
     w.rows_per = grid.rows_per;
