@@ -2,11 +2,12 @@
 
 A MatMul Y = X·W with a constant float32 weight W [K, N] becomes PackedMatMul(X, B) with
 B = W's columns in 16-column tiles, 4 tiles to a group whose k rows are stored side by side
-(custom_ops/kernels/kernels.h; the padded columns of the last tile are zero and never written out). Every output is still the dot product of
-a row of X with a column of W; only the order of the float additions differs (ONNX Runtime's MLAS
-blocks its sums one way, the PackedMatMul kernels another; both stay within K·2⁻²⁴·Σ|x·w| of the
-exact sum). So the pass is exact up to float summation order: the tests compare a compiled tiny
-model's logits with the input model's.
+(custom_ops/kernels/kernels.h; the padded columns of the last tile are zero and never written
+out). Every output is still the dot product of a row of X with a column of W; only the order of
+the float additions differs (ONNX Runtime's MLAS blocks its sums one way, the PackedMatMul kernels
+sum each output in k order; both stay within K·2⁻²⁴·Σ|x·w| of the exact sum, and neither depends
+on how many rows a call has). So the pass is exact up to float summation order: the tests compare
+a compiled tiny model's logits with the input model's.
 
 Why: a decode step multiplies one row by every weight matrix, so its speed is how fast the weights
 stream from memory. The PackedMatMul kernels read each matrix once, front to back, at any width
