@@ -85,6 +85,16 @@ inline void expect_type(const In& in, const char* name, ONNXTensorElementDataTyp
   if (in.type != t) fail(name, " must be ", type_name(t), ", got ", type_name(in.type));
 }
 
+// An int attribute: `dflt` when absent, or an error naming it when `required`.
+inline int64_t attr_int(const Ort::ConstKernelInfo& info, const char* name, bool required, int64_t dflt) {
+  try {
+    return info.GetAttribute<int64_t>(name);
+  } catch (const Ort::Exception&) {
+    if (required) fail("missing required int attribute '", name, "'");
+    return dflt;
+  }
+}
+
 // Constant inputs (initializers) validated once when the kernel is created: Compute recognizes
 // them by their data pointer and skips fetching their type and shape again (a few ORT API calls
 // each, a measurable part of a small M = 1 call).

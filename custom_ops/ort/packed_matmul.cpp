@@ -19,15 +19,8 @@ struct PackedMatMulKernel {
 
   explicit PackedMatMulKernel(const OrtKernelInfo* raw) {
     Ort::ConstKernelInfo info(raw);
-    auto attr = [&](const char* name) {
-      try {
-        return info.GetAttribute<int64_t>(name);
-      } catch (const Ort::Exception&) {
-        fail("missing required int attribute '", name, "'");
-      }
-    };
-    K = attr("K");
-    N = attr("N");
+    K = attr_int(info, "K", true, 0);
+    N = attr_int(info, "N", true, 0);
     if (K < 1 || K > (int64_t{1} << 30)) fail("attribute K must be in [1, 2^30], got ", std::to_string(K));
     if (N < 1 || N > (int64_t{1} << 30)) fail("attribute N must be in [1, 2^30], got ", std::to_string(N));
     n_tiles = (N + kTileN - 1) / kTileN;

@@ -17,15 +17,6 @@ namespace llmfold {
 namespace ortglue {
 namespace {
 
-int64_t attr_int(const Ort::ConstKernelInfo& info, const char* name, bool required, int64_t dflt) {
-  try {
-    return info.GetAttribute<int64_t>(name);
-  } catch (const Ort::Exception&) {
-    if (required) fail("missing required int attribute '", name, "'");
-    return dflt;
-  }
-}
-
 // Values must all be <= 15 (4-bit zero points, shift exponents).
 void check_nibbles(const uint8_t* p, int64_t n, const char* what) {
   uint8_t acc = 0;

@@ -1223,6 +1223,23 @@ void f32_tile_pairs(const float* A, int64_t lda, const PackedFloat& W, int64_t t
   if (t < end) f32_strip<R, 1>(A, lda, W, t, bias, C, ldc);
 }
 
+// All M rows of tile t, in strips of 6 and a last strip of the rest.
+void f32_tile_rows(const float* A, int64_t lda, int64_t M, const PackedFloat& W, int64_t t, const float* bias,
+                   float* C, int64_t ldc) {
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) f32_strip<6, 1>(A + m * lda, lda, W, t, bias, C + m * ldc, ldc);
+  const float* a = A + m * lda;
+  float* o = C + m * ldc;
+  switch (M - m) {
+    case 5: f32_strip<5, 1>(a, lda, W, t, bias, o, ldc); break;
+    case 4: f32_strip<4, 1>(a, lda, W, t, bias, o, ldc); break;
+    case 3: f32_strip<3, 1>(a, lda, W, t, bias, o, ldc); break;
+    case 2: f32_strip<2, 1>(a, lda, W, t, bias, o, ldc); break;
+    case 1: f32_strip<1, 1>(a, lda, W, t, bias, o, ldc); break;
+    default: break;
+  }
+}
+
 void gemm_f32(const float* A, int64_t lda, int64_t M, const PackedFloat& W, int64_t tile_begin, int64_t tile_end,
               const float* bias, float* C, int64_t ldc) {
   for (int64_t t = tile_begin; t < tile_end;) {  // group by group (a range may start or end mid-group)
@@ -1230,20 +1247,7 @@ void gemm_f32(const float* A, int64_t lda, int64_t M, const PackedFloat& W, int6
     if (M == 1) f32_tile_pairs<1>(A, lda, W, t, end, bias, C, ldc);
     else if (M == 2) f32_tile_pairs<2>(A, lda, W, t, end, bias, C, ldc);
     else
-      for (int64_t u = t; u < end; ++u) {
-        int64_t m = 0;
-        for (; m + 6 <= M; m += 6) f32_strip<6, 1>(A + m * lda, lda, W, u, bias, C + m * ldc, ldc);
-        const float* a = A + m * lda;
-        float* o = C + m * ldc;
-        switch (M - m) {
-          case 5: f32_strip<5, 1>(a, lda, W, u, bias, o, ldc); break;
-          case 4: f32_strip<4, 1>(a, lda, W, u, bias, o, ldc); break;
-          case 3: f32_strip<3, 1>(a, lda, W, u, bias, o, ldc); break;
-          case 2: f32_strip<2, 1>(a, lda, W, u, bias, o, ldc); break;
-          case 1: f32_strip<1, 1>(a, lda, W, u, bias, o, ldc); break;
-          default: break;
-        }
-      }
+      for (int64_t u = t; u < end; ++u) f32_tile_rows(A, lda, M, W, u, bias, C, ldc);
     t = end;
   }
 }
