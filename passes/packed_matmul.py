@@ -53,15 +53,11 @@ def _weight_name(value: ir.Value, suffix: str) -> str:
 
 
 def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
-    """`new` computes what `old` did: same output name, type, shape and layer tag; `old` goes."""
-    new.metadata_props.update(old.metadata_props)  # the SVD pass's layer tags
-    out, name = old.outputs[0], old.outputs[0].name
-    new.outputs[0].type, new.outputs[0].shape = out.type, out.shape
-    graph.insert_before(old, new)
-    out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
-    graph.remove(old, safe=True)
-    out.name = None
-    new.outputs[0].name = name
+    """`new` computes what `old` did: it takes over the output (name, type, shape, uses, graph
+    output) and the layer tag (the SVD pass's metadata_props); `old` goes."""
+    new.metadata_props.update(old.metadata_props)
+    ir.convenience.replace_nodes_and_values(graph, insertion_point=old, old_nodes=[old], new_nodes=[new],
+                                            old_values=list(old.outputs), new_values=list(new.outputs))
 
 
 def pack_matmuls(model: ir.Model) -> tuple[int, int]:

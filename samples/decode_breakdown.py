@@ -36,14 +36,11 @@ def linear_stack(model_dir: Path):
     nodes, used, inputs, outputs, feeds, nbytes, kinds = [], {}, [], [], {}, 0, {}
     rng = np.random.default_rng(0)
     for n in m.graph.node:
-        if n.op_type == "QMatMul" and n.domain == co.DOMAIN:
+        if n.op_type in ("QMatMul", "PackedMatMul") and n.domain == co.DOMAIN:
             K = next(a.i for a in n.attribute if a.name == "K")
             N = next(a.i for a in n.attribute if a.name == "N")
             if any(a.name == "swiglu" and a.i for a in n.attribute):
-                N //= 2  # the SwiGLU epilogue halves the output (gate | up → silu(gate)·up)
-        elif n.op_type == "PackedMatMul" and n.domain == co.DOMAIN:
-            K = next(a.i for a in n.attribute if a.name == "K")
-            N = next(a.i for a in n.attribute if a.name == "N")
+                N //= 2  # QMatMul's SwiGLU epilogue halves the output (gate | up → silu(gate)·up)
         elif n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and n.input[1] in inits and len(inits[n.input[1]].dims) == 2:
             K, N = inits[n.input[1]].dims
         else:
