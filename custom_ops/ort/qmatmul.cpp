@@ -239,8 +239,7 @@ struct QMatMulKernel {
     }
 
     // Task grid (common.h). Few rows (M < 4 int, M < 3 A16: the streaming kernels) split by weight
-    // bytes, in even tile counts: the M = 1 kernel runs tile pairs, and its prefetch continues into
-    // the next task's first pair (4096x11008 in 58 tasks of 12 tiles instead of 64 of 11 measured
+    // bytes, in even tile counts (4096x11008 in 58 tasks of 12 tiles instead of 64 of 11 measured
     // 1.01-1.08x faster, weights from DRAM; 1536x576 as 10, 10, 10, 6). More rows: chunks of >= 8
     // column tiles, >= 16 for 4+ rows (per-task setup - activation packing, per-row prescaling).
     const bool streaming = act_bits == 16 ? M < 3 : M < 4;

@@ -537,6 +537,8 @@ int main(int argc, char** argv) {
       {11, 700, 18, 32, false, false, false, 0}, {8, 512, 32, 256, true, false, false, 6},
       {12, 1024, 20, 64, false, false, false, 6}, {8, 256, 17, 128, true, true, false, 5},
       {1, 256, 33, 32, true, true, false, 7},    {6, 192, 40, 64, false, false, true, 7},
+      // x86 decode kernel with block 32 unrolled (no zero points) for 2 and 3 rows
+      {2, 96, 33, 32, false, true, false, 2},    {3, 160, 40, 32, false, false, false, 6},
       // A16 same-sign products over long K (special 6: q = 15, rows of +-1; chunked float sums):
       // x86 1-row / 2-row / 6+4+3 strips, ARM 4-row and 1-row kernels, within the 1e-5 bound.
       {1, 1024, 16, 32, false, false, false, 6}, {2, 1024, 24, 128, true, true, false, 6},

@@ -60,56 +60,85 @@ inline void store_row(float* c, const float* bias, __mmask16 mk, __m512 facc, fl
 // 4096x4096 (L3) 125-130 / 119-124 / 118-126 / 144. 4 KB: no loss in cache, most of the DRAM gain.
 constexpr int64_t kStreamAhead = 4096;
 
+// vpdpbusd with the 4 activation bytes broadcast by the instruction itself ({1to16} memory
+// operand). GCC 12 does not fold _mm512_set1_epi32(load) into it: the separate vpbroadcastd was
+// one instruction in three of the decode loop, which is bound by instruction throughput in L2.
+inline __m512i dpbusd_bcst(__m512i acc, __m512i w, const int8_t* a) {
+  __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(a)));
+  return acc;
+}
+
 // Few rows (decode): tile after tile, which is the weights' memory order, so the read is one
-// sequential stream (several tiles side by side were as fast in L2 and slower from DRAM); two
-// groups at a time into separate accumulators (4 independent chains per row).
-template <int R>
+// sequential stream (two tiles side by side: 5 % slower in L2, 40 % from DRAM). Per block and row
+// two chains, low and high nibbles (four were no faster). The zero-point term -zp·Σ_block a
+// starts the low chain (-8·Σa without zero points), so a block ends in a shift, an add, a convert
+// and one FMA. Block 32 has its 4 groups unrolled: with the loop bookkeeping of a run-time block
+// size, 576x576 at M = 1 took 2.0 us instead of 1.7 (in L2, `llmfold_kernel_bench 1 576 576`).
+// kDots: the raw Σ a·q (test hook), no epilogue.
+template <int R, bool kDots, bool kZeroPoints, int kGpb>
 void int_stream(const IntArgs& p, int64_t tb, int64_t te) {
   const QuantizedRows& A = *p.A;
   const PackedInt4& W = *p.W;
-  const int64_t Kp = W.Kp(), nb = W.n_blocks, gpb = W.block_size / kGroupK, tstride = (Kp / kGroupK) * 64;
+  const int64_t Kp = W.Kp(), nb = W.n_blocks, tstride = (Kp / kGroupK) * 64;
+  const int64_t gpb = kGpb ? kGpb : W.block_size / kGroupK;
   const __m512i m_lo = _mm512_set1_epi8(0x0F), m_hi = _mm512_set1_epi8(static_cast<char>(0xF0));
   for (int64_t t = tb; t < te; ++t) {
-    const uint8_t* td = W.data + t * tstride;
+    const uint8_t* w = W.data + t * tstride;  // the block's first line
+    const uint16_t* sc = W.scales + t * nb * kTileN;
     __m512 facc[R];
     for (int r = 0; r < R; ++r) facc[r] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
-      __m512i l0[R], h0[R], l1[R], h1[R];
-      for (int r = 0; r < R; ++r) l0[r] = h0[r] = l1[r] = h1[r] = _mm512_setzero_si512();
-      for (int64_t g = b * gpb; g < (b + 1) * gpb; g += 2) {  // gpb >= 2 (block >= 16)
-        _mm_prefetch(reinterpret_cast<const char*>(td + g * 64 + kStreamAhead), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(td + g * 64 + 64 + kStreamAhead), _MM_HINT_T0);
-        const __m512i v0 = _mm512_loadu_si512(td + g * 64), v1 = _mm512_loadu_si512(td + g * 64 + 64);
+    for (int64_t b = 0; b < nb; ++b, sc += kTileN) {
+      const int8_t* a = A.q + b * gpb * kGroupK;
+      __m512i lo[R], hi[R];  // Σ a·q of the low nibbles (minus zp·Σa), 16·Σ a·q of the high ones
+      for (int r = 0; r < R; ++r) {
+        const int32_t bsum = A.block_sum[r * nb + b];
+        if constexpr (kDots)
+          lo[r] = _mm512_setzero_si512();
+        else if constexpr (kZeroPoints)
+          lo[r] = _mm512_mullo_epi32(zp_epi32(W, (t * nb + b) * kTileN), _mm512_set1_epi32(-bsum));
+        else
+          lo[r] = _mm512_set1_epi32(-8 * bsum);
+        hi[r] = _mm512_setzero_si512();
+      }
+      for (int64_t g = 0; g < gpb; g += 2, w += 128, a += 2 * kGroupK) {  // gpb >= 2 (block >= 16)
+        _mm_prefetch(reinterpret_cast<const char*>(w + kStreamAhead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + 64 + kStreamAhead), _MM_HINT_T0);
+        const __m512i v0 = _mm512_loadu_si512(w), v1 = _mm512_loadu_si512(w + 64);
         const __m512i lo0 = _mm512_and_si512(v0, m_lo), hi0 = _mm512_and_si512(v0, m_hi);
         const __m512i lo1 = _mm512_and_si512(v1, m_lo), hi1 = _mm512_and_si512(v1, m_hi);
         for (int r = 0; r < R; ++r) {
-          const int8_t* ar = A.q + r * Kp + g * kGroupK;
-          l0[r] = _mm512_dpbusd_epi32(l0[r], lo0, _mm512_set1_epi32(load_i32(ar)));
-          h0[r] = _mm512_dpbusd_epi32(h0[r], hi0, _mm512_set1_epi32(load_i32(ar + 4)));
-          l1[r] = _mm512_dpbusd_epi32(l1[r], lo1, _mm512_set1_epi32(load_i32(ar + 8)));
-          h1[r] = _mm512_dpbusd_epi32(h1[r], hi1, _mm512_set1_epi32(load_i32(ar + 12)));
+          const int8_t* ar = a + r * Kp;
+          lo[r] = dpbusd_bcst(dpbusd_bcst(lo[r], lo0, ar), lo1, ar + 8);
+          hi[r] = dpbusd_bcst(dpbusd_bcst(hi[r], hi0, ar + 4), hi1, ar + 12);
         }
       }
-      const int64_t sidx = (t * nb + b) * kTileN;
-      _mm_prefetch(reinterpret_cast<const char*>(W.scales + sidx + kStreamAhead / 8), _MM_HINT_T0);
-      const __m512i z = zp_epi32(W, sidx);
-      const __m512 sw = scales16(W.scales + sidx);
+      _mm_prefetch(reinterpret_cast<const char*>(sc + kStreamAhead / 8), _MM_HINT_T0);
+      const __m512 sw = scales16(sc);
       for (int r = 0; r < R; ++r) {
-        const __m512i d = _mm512_add_epi32(_mm512_add_epi32(l0[r], l1[r]),
-                                           _mm512_srai_epi32(_mm512_add_epi32(h0[r], h1[r]), 4));
-        if (p.dots) {
+        const __m512i d = _mm512_add_epi32(lo[r], _mm512_srai_epi32(hi[r], 4));
+        if constexpr (kDots)
           _mm512_storeu_si512(p.dots + (r * nb + b) * W.n_tiles * kTileN + t * kTileN, d);
-          continue;
-        }
-        const __m512i zs = _mm512_mullo_epi32(z, _mm512_set1_epi32(A.block_sum[r * nb + b]));
-        facc[r] = _mm512_fmadd_ps(sw, _mm512_cvtepi32_ps(_mm512_sub_epi32(d, zs)), facc[r]);
+        else
+          facc[r] = _mm512_fmadd_ps(sw, _mm512_cvtepi32_ps(d), facc[r]);
       }
     }
-    if (p.dots) continue;
+    if constexpr (kDots) continue;
     const int64_t n0 = t * kTileN;
     for (int r = 0; r < R; ++r)
       store_row(p.C + r * p.ldc + n0, p.bias ? p.bias + n0 : nullptr, col_mask(W.N - n0), facc[r], A.scale[r]);
   }
+}
+
+template <int R>
+void int_stream_rows(const IntArgs& p, int64_t tb, int64_t te) {
+  if (p.dots)
+    int_stream<R, true, false, 0>(p, tb, te);
+  else if (p.W->zero_points)
+    int_stream<R, false, true, 0>(p, tb, te);
+  else if (p.W->block_size == 32)  // the usual block: its 4 groups unrolled
+    int_stream<R, false, false, 4>(p, tb, te);
+  else
+    int_stream<R, false, false, 0>(p, tb, te);
 }
 
 // Many rows (M >= 4): a blocked GEMM. Per pair of tiles and K chunk (whole blocks, <= 512 k) the
@@ -120,6 +149,11 @@ void int_stream(const IntArgs& p, int64_t tb, int64_t te) {
 // unpacking, shared by all rows) and end at the exact integer Σ a·(q - zp) of the reference:
 // no per-row zero-point work in the inner loop, one convert and one FMA per block.
 // 6 rows x 2 tiles: 12 int32 + 12 float accumulators; 4x3, 5x3 and 3x4 measured slower.
+// Measured alternatives, not kept (4096x4096, M = 128, `llmfold_kernel_bench 128 4096 4096`):
+// chunks of 256 or 384 k (no faster); raw u8 nibbles times int8 activations broadcast by each
+// vpdpbusd itself, without the unpack to q - zp (7.5 ms against 6.2); strips of even height.
+// Skipping the unpack's weight reads altogether saved 12 %: that is memory latency at each chunk's
+// start, which the prefetch of the next chunk in unpack_centered hides in part (-5 %).
 constexpr int64_t kIntChunkK = 512;
 constexpr int kIntTiles = 2;
 constexpr int kIntRows = 6;
@@ -133,6 +167,11 @@ struct IntChunk {
 template <int T>
 void unpack_centered(const PackedInt4& W, int64_t t0, int64_t b0, int64_t b1, int8_t* w, int32_t* neg) {
   const int64_t nb = W.n_blocks, gpb = W.block_size / kGroupK, tstride = (W.Kp() / kGroupK) * 64;
+  // The chunk that comes next (the same tiles' next blocks, else the next tiles' first) is
+  // prefetched into L2 line by line as this one is read, a whole chunk of strips ahead
+  const uint8_t* next[T];
+  for (int j = 0; j < T; ++j)
+    next[j] = b1 < nb ? W.data + (t0 + j) * tstride + (b1 - b0) * gpb * 64 : W.data + (t0 + T + j) * tstride - b0 * gpb * 64;
   const __m512i m4 = _mm512_set1_epi8(0x0F), c128 = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t b = b0; b < b1; ++b) {
     for (int j = 0; j < T; ++j) {
@@ -140,6 +179,7 @@ void unpack_centered(const PackedInt4& W, int64_t t0, int64_t b0, int64_t b1, in
       const __m512i z = _mm512_mullo_epi32(zp_epi32(W, ((t0 + j) * nb + b) * kTileN), _mm512_set1_epi32(0x01010101));
       __m512i cs = _mm512_setzero_si512();
       for (int64_t g = b * gpb; g < (b + 1) * gpb; ++g) {
+        _mm_prefetch(reinterpret_cast<const char*>(next[j] + g * 64), _MM_HINT_T1);
         const __m512i v = _mm512_loadu_si512(W.data + (t0 + j) * tstride + g * 64);
         const __m512i lo = _mm512_sub_epi8(_mm512_and_si512(v, m4), z);
         const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), z);
@@ -282,9 +322,9 @@ void int_gemm_rows(const IntArgs& p, int64_t M, int64_t tile_begin, int64_t tile
 
 void int_driver(const IntArgs& p, int64_t M, int64_t tile_begin, int64_t tile_end) {
   switch (M) {
-    case 1: int_stream<1>(p, tile_begin, tile_end); return;
-    case 2: int_stream<2>(p, tile_begin, tile_end); return;
-    case 3: int_stream<3>(p, tile_begin, tile_end); return;
+    case 1: int_stream_rows<1>(p, tile_begin, tile_end); return;
+    case 2: int_stream_rows<2>(p, tile_begin, tile_end); return;
+    case 3: int_stream_rows<3>(p, tile_begin, tile_end); return;
     default: int_gemm_rows(p, M, tile_begin, tile_end); return;
   }
 }
