@@ -153,7 +153,7 @@ struct TaskGrid {
 // Few rows (decode steps): the call is bound by reading the weights, so the column tiles are split
 // by weight bytes: a power of two of tasks (1, 2, 4, ... 64: as many per thread with pools of 2, 4,
 // 8 threads), each streaming >= kStreamTaskBytes, ceil(tiles / tasks) tiles each, rounded up to a
-// multiple of `align` tiles (QMatMul's M = 1 kernel runs tile pairs; PackedMatMul's tiles come in
+// multiple of `align` tiles (QMatMul: even counts, measured faster; PackedMatMul's tiles come in
 // groups of 4 whose lines interleave, and a task starting mid-group would read half of every line
 // pair the hardware prefetchers fetch). ORT's pool threads (the calling one included) claim
 // the tasks dynamically, and a task costs a little (per-task setup, the claim): at M = 1, 2 threads
