@@ -30,7 +30,10 @@ does not move the plateau, more windows do (each is one step). The 192- and 384-
 ran on the Zen 5 VM (2026-12-07, 2 threads, ≈ 3.8 s per step; the held-out windows are drawn with
 the training ones, so their KL is not comparable across columns): 0.533 → 0.457 and 0.565 → 0.454,
 still falling at the last step, −0.04× of perplexity per doubling of the windows; with more steps a
-larger one pays again: lr 2e-4 on the same 192 windows 0.533 → 0.449. The training KL
+larger one pays again: lr 2e-4 on the same 192 windows 0.533 → 0.449. A cosine schedule from
+lr 4e-4 down to 0 over the same 192 windows (tried later that day, not kept) gave 0.533 → 0.454
+and 59.24 (1.386×), the same as the constant step; so did the same tokens as 384 windows of 256
+(lr 2e-4, twice the steps at half the cost: 59.36, 1.388×). The tokens seen are what counts. The training KL
 of each window, measured before its step, does not fall (0.50–0.55). On
 svd-40 (63.6 M trained parameters) it falls 1.225 → 1.083 → 1.039 → 1.000 → 0.977, still going
 down at step 64.
