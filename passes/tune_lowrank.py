@@ -33,7 +33,10 @@ still falling at the last step, −0.04× of perplexity per doubling of the wind
 larger one pays again: lr 2e-4 on the same 192 windows 0.533 → 0.449. A cosine schedule from
 lr 4e-4 down to 0 over the same 192 windows (tried later that day, not kept) gave 0.533 → 0.454
 and 59.24 (1.386×), the same as the constant step; so did the same tokens as 384 windows of 256
-(lr 2e-4, twice the steps at half the cost: 59.36, 1.388×). The tokens seen are what counts. The training KL
+(lr 2e-4, twice the steps at half the cost: 59.36, 1.388×). The tokens seen are what counts, and
+the starting point: with 128 calibration windows for the svd pass (was 64) the same 192 windows
+at lr 2e-4 give 0.523 → 0.432 and 57.83 (1.353×), the current svd-10 (256 windows: 0.612 →
+0.444, 60.65, 1.418×; not monotone). The training KL
 of each window, measured before its step, does not fall (0.50–0.55). On
 svd-40 (63.6 M trained parameters) it falls 1.225 → 1.083 → 1.039 → 1.000 → 0.977, still going
 down at step 64.

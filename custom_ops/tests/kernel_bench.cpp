@@ -1,10 +1,11 @@
 // Microbenchmark of the active kernel path without ONNX Runtime (single thread), for tuning: QMatMul's
 // A8/A4/A16 kernels and PackedMatMul's float32 one on the same shape.
-// Usage: llmfold_kernel_bench M K N [block_size] [reps] [col_tasks] [copies]   -> min / median thread-CPU
+// Usage: llmfold_kernel_bench M K N [block_size] [reps] [col_tasks] [copies] [zero_points]   -> min / median thread-CPU
 // microseconds per call. col_tasks > 1 splits the column tiles into that many calls, one after the other, as
 // the ORT glue's task grid does with one thread (each call repeats its per-call setup: activation packing).
 // copies > 1 keeps that many copies of the weights and calls them in turn (a call's weights then come from
 // DRAM when the copies exceed the last-level cache, as in a decode step); times are per call.
+// zero_points = 1 gives the int4 weights random zero points (the recipes' asymmetric blocks).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -21,7 +22,7 @@ using Clock = std::chrono::steady_clock;
 
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::fprintf(stderr, "usage: %s M K N [block_size] [reps] [col_tasks] [copies]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s M K N [block_size] [reps] [col_tasks] [copies] [zero_points]\n", argv[0]);
     return 2;
   }
   const int64_t M = std::atoll(argv[1]), K = std::atoll(argv[2]), N = std::atoll(argv[3]);
@@ -29,6 +30,7 @@ int main(int argc, char** argv) {
   const int reps = argc > 5 ? std::atoi(argv[5]) : 20;
   const int64_t col_tasks = argc > 6 ? std::max<int64_t>(1, std::atoll(argv[6])) : 1;
   const int64_t copies = argc > 7 ? std::max<int64_t>(1, std::atoll(argv[7])) : 1;
+  const bool with_zp = argc > 8 && std::atoi(argv[8]) != 0;
   const int64_t nb = (K + bs - 1) / bs, Kp = nb * bs, nt = (N + 15) / 16;
   std::mt19937 rng(1);
   // 64-byte aligned, as ONNX Runtime places initializers: a large std::vector comes from mmap at a
@@ -38,6 +40,8 @@ int main(int argc, char** argv) {
   uint8_t* const data = scratch(data_store, static_cast<size_t>(copies * nt * Kp / 8 * 64));
   for (int64_t i = 0; i < copies * nt * Kp / 8 * 64; ++i) data[i] = static_cast<uint8_t>(rng());
   std::vector<uint16_t> scales(static_cast<size_t>(copies * nt * nb * 16), float_to_half(0.01f));
+  std::vector<uint8_t> zps(with_zp ? static_cast<size_t>(copies * nt * nb * 16) : 0);
+  for (auto& z : zps) z = static_cast<uint8_t>(rng() & 15);
   std::vector<float> A(static_cast<size_t>(M * Kp)), C(static_cast<size_t>(M * N));
   std::uniform_real_distribution<float> U(-1, 1);
   for (auto& v : A) v = U(rng);
@@ -45,7 +49,8 @@ int main(int argc, char** argv) {
   auto weights = [&] {
     const int64_t c = copy;
     copy = (copy + 1) % copies;
-    return PackedInt4{data + c * nt * Kp / 8 * 64, scales.data() + c * nt * nb * 16, nullptr, K, N, bs, nb, nt};
+    return PackedInt4{data + c * nt * Kp / 8 * 64, scales.data() + c * nt * nb * 16,
+                      with_zp ? zps.data() + c * nt * nb * 16 : nullptr, K, N, bs, nb, nt};
   };
   std::vector<int8_t> q(static_cast<size_t>(M * Kp));
   std::vector<float> qs(static_cast<size_t>(M));
