@@ -94,12 +94,14 @@ void int_stream(const IntArgs& p, int64_t tb, int64_t te) {
     for (int64_t b = 0; b < nb; ++b, sc += kTileN) {
       const int8_t* a = A.q + b * gpb * kGroupK;
       __m512i lo[R], hi[R];  // Σ a·q of the low nibbles (minus zp·Σa), 16·Σ a·q of the high ones
+      __m512i z = _mm512_setzero_si512();  // the block's zero points (per column, shared by the rows)
+      if constexpr (kZeroPoints) z = zp_epi32(W, (t * nb + b) * kTileN);
       for (int r = 0; r < R; ++r) {
         const int32_t bsum = A.block_sum[r * nb + b];
         if constexpr (kDots)
           lo[r] = _mm512_setzero_si512();
         else if constexpr (kZeroPoints)
-          lo[r] = _mm512_mullo_epi32(zp_epi32(W, (t * nb + b) * kTileN), _mm512_set1_epi32(-bsum));
+          lo[r] = _mm512_mullo_epi32(z, _mm512_set1_epi32(-bsum));
         else
           lo[r] = _mm512_set1_epi32(-8 * bsum);
         hi[r] = _mm512_setzero_si512();
