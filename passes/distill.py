@@ -29,6 +29,7 @@ distribution, i.e. knowledge distillation from the uncompressed model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -256,6 +257,11 @@ class DistillPass(CompilerPass):
         """→ (what was trained, for the log line; the pass's own record fields)."""
         raise NotImplementedError
 
+    def training_precision(self):
+        """Context for a training step's forward (and so its backward): float32 unless a pass says
+        otherwise. Held-out scoring and the written values are always float32."""
+        return contextlib.nullcontext()
+
     def requires(self, model: ir.Model) -> None:
         s = self.ctx.structure(model)
         if not s.blocks or s.lm_head is None or s.final_norm is None or s.embedding is None:
@@ -401,7 +407,9 @@ class DistillPass(CompilerPass):
                     ref = log_probs(teacher.prefill_logits(train[i]))
                     with torch.enable_grad():
                         opt.zero_grad(set_to_none=True)
-                        loss = kl_from(ref, student.logits(train[i]))
+                        with self.training_precision():
+                            logits = student.logits(train[i])
+                        loss = kl_from(ref, logits.float())
                         loss.backward()
                     if not torch.isfinite(loss):
                         self.ctx.log(f"step {step + 1}: non-finite KL; stopping with the best checkpoint so far")

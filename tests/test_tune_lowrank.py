@@ -72,6 +72,28 @@ def test_factors_tuned_rest_kept_and_recorded_kl_is_what_ort_measures(tiny_model
     assert heldout_kl(tiny_model_dir, tuned, windows) == pytest.approx(val[record["kept_checkpoint"]], rel=1e-3)
 
 
+def test_bfloat16_training_steps_are_scored_in_float32(tiny_model_dir, tmp_path, calib_file):
+    """precision = "bfloat16" trains under autocast; the held-out KLs it records and keeps the best
+    of are still the float32 ones ONNX Runtime measures on the written model."""
+    from compiler.calibrate import calibration_windows
+
+    base = compile_recipe_text(tiny_model_dir, tmp_path, "base", SVD, calib_file)
+    tuned = compile_recipe_text(tiny_model_dir, tmp_path, "bf16", SVD + TUNE + 'precision = "bfloat16"\n', calib_file)
+    f32 = compile_recipe_text(tiny_model_dir, tmp_path, "f32", SVD + TUNE, calib_file)
+    record = json.loads((tuned / "llmfold.json").read_text())["passes"][-1]["records"][0]
+    val = record["val_kl"]
+    assert record["kept_checkpoint"] == int(np.argmin(val)) and val[record["kept_checkpoint"]] < val[0]
+    windows = calibration_windows(tiny_model_dir, calib_file, num_windows=8, seq_len=64, seed=0, disjoint=True)[6:]
+    assert heldout_kl(tiny_model_dir, base, windows) == pytest.approx(val[0], rel=1e-3)
+    assert heldout_kl(tiny_model_dir, tuned, windows) == pytest.approx(val[record["kept_checkpoint"]], rel=1e-3)
+    # the steps themselves ran in bfloat16: other factors than the float32 run's, close to them
+    a, b = _initializers(tuned), _initializers(f32)
+    factors = _factor_names(tuned)
+    assert any(not np.array_equal(a[n], b[n]) for n in factors)
+    rel = max(float(np.linalg.norm(a[n] - b[n]) / np.linalg.norm(b[n])) for n in factors)
+    assert rel < 0.05, rel
+
+
 def test_same_seed_same_files(tiny_model_dir, tmp_path, calib_file):
     tune = '\n[[pass]]\nname = "tune_lowrank"\nwindows = 3\nval_windows = 1\nseq_len = 32\n'
     (tmp_path / "a").mkdir()
@@ -108,7 +130,7 @@ def test_refuses_graphs_it_cannot_train(tiny_model_dir, tmp_path, calib_file, mo
 @pytest.mark.parametrize(
     "line, key",
     [("windows = 0", "windows"), ("epochs = 0", "epochs"), ("lr = 0.5", "lr"), ("eval_every = -1", "eval_every"),
-     ("seq_len = 1", "seq_len"), ("lr = \"slow\"", "lr"), ("rank = 8", "rank")],
+     ("seq_len = 1", "seq_len"), ("lr = \"slow\"", "lr"), ("rank = 8", "rank"), ("precision = \"fp8\"", "precision")],
 )  # fmt: skip
 def test_bad_recipe_values_are_user_errors(tmp_path, line, key):
     from compiler.recipe import load_recipe
