@@ -47,7 +47,9 @@ scoring that picks the checkpoint stays float32, so what it records is what ONNX
 On Zen 5 (AVX-512 BF16) a step takes 2.1 s instead of 3.7 s, and 8 steps from the same start
 reach the same held-out KL (0.39892 vs 0.39914 in float32). That buys more windows for the same
 time. From the current svd pass's output (128 calibration windows), 768 windows of 512 tokens
-in bfloat16, the factors at the given step (Zen 5, 2026-12-07, 2 threads, 28 min of training):
+in bfloat16, the factors at the given step (Zen 5, 2026-12-07, 2 threads, 28 min of training; a
+one-off script, not in the repository, ran this pass alone on the svd pass's output and wrote the
+factors at steps 192, 384 and 576; the kept checkpoint is what `--recipe svd-10` writes, bit for bit):
 
 | lr | step 192 | step 384 | step 576 | kept checkpoint (step 736) |
 |---|---|---|---|---|
