@@ -24,7 +24,9 @@ a value r, possibly with a pending sublayer output s not yet added (r + s):
 
 A linear layer is recognized by what it computes, not by its name: a MatMul whose second input
 is a 2-D initializer [K, N] (dense), a MatMul [K, r] whose only consumer is a MatMul [r, N] with
-r < min(K, N) (low-rank), a `llmfold.PackedMatMul` (dense, float weights in tiles; attributes K, N),
+r < min(K, N) (low-rank; pairs reading one X may share their first factor X·[W₁ᵃ | W₁ᵇ | …] through a
+Split, passes/pack_lowrank.py: `match_linears`), a `llmfold.PackedMatMul` (dense, float weights in
+tiles; attributes K, N),
 a `llmfold.QMatMul` (int4; attributes K, N, block_size, act_bits), or
 a `com.microsoft.MatMulNBits` (attributes K, N, bits, block_size). Every linear-like node that
 could not be placed, and every step that failed, is listed in `unrecognized`; nothing is guessed.
@@ -102,6 +104,7 @@ class _LinearMatch:
     block_size: int | None = None
     act_bits: int | None = None
     hadamard: int | None = None
+    rank_columns: tuple[int, int] | None = None
 
     def to_linear(self, name: str, block: int | None, role: str, columns=None) -> Linear:
         lin = Linear(
@@ -109,6 +112,7 @@ class _LinearMatch:
             output=self.output.name, K=self.K, N=self.N, kind=self.kind, weight=self.weight,
             nodes=[n.name for n in self.nodes], rank=self.rank, bits=self.bits,
             block_size=self.block_size, act_bits=self.act_bits, hadamard=self.hadamard,
+            rank_columns=list(self.rank_columns) if self.rank_columns else None,
         )
         if columns is not None:
             lin.columns = list(columns)
@@ -174,6 +178,51 @@ def match_linear(node: ir.Node) -> _LinearMatch | None:
     return first
 
 
+def _shared_first_factor_layers(node: ir.Node) -> list[str] | None:
+    """The layer tags of a shared first factor (passes/pack_lowrank.py record), else None."""
+    import json
+
+    raw = node.metadata_props.get("llmfold.shared_first_factor")
+    if raw is None:
+        return None
+    try:
+        layers = json.loads(raw).get("layers")
+    except (ValueError, AttributeError):
+        return None
+    return layers if isinstance(layers, list) and all(isinstance(t, str) for t in layers) else None
+
+
+def match_linears(node: ir.Node) -> list[_LinearMatch]:
+    """The linear layers starting at `node`: several when it is the first factor that low-rank
+    pairs share (passes/pack_lowrank.py: X·[W₁ᵃ | W₁ᵇ | …] → Split(axis -1) → each piece read by
+    one second factor tagged with the layer named in the shared node's record), else
+    [match_linear(node)] (or [])."""
+    first = _single_linear(node)
+    tags = _shared_first_factor_layers(node) if first is not None else None
+    uses = list(first.output.uses()) if tags else []
+    split = uses[0].node if len(uses) == 1 and uses[0].idx == 0 and not first.output.is_graph_output() else None
+    sizes = const_array(split.inputs[1]) if split is not None and is_onnx_op(split, "Split") and len(split.inputs) > 1 else None
+    if (sizes is not None and sizes.ndim == 1 and len(sizes) == len(split.outputs) == len(tags)
+            and int(sizes.sum()) == first.N and split.attributes.get_int("axis", 0) == -1):
+        out, start = [], 0
+        for tag, size, piece in zip(tags, sizes.tolist(), split.outputs):
+            piece_uses = list(piece.uses())
+            second = _single_linear(piece_uses[0].node) if len(piece_uses) == 1 and piece_uses[0].idx == 0 else None
+            if second is None or second.K != size or _layer_tag(second.node) != tag or piece.is_graph_output():
+                break
+            quantized = second if second.kind != "dense" else None
+            out.append(_LinearMatch(node, [node, second.node], first.input, second.output, first.K, second.N,
+                                    "low-rank", rank=int(size), bits=quantized.bits if quantized else None,
+                                    block_size=quantized.block_size if quantized else None,
+                                    act_bits=quantized.act_bits if quantized else None,
+                                    rank_columns=(start, start + int(size))))
+            start += int(size)
+        else:
+            return out
+    m = match_linear(node)
+    return [m] if m is not None else []
+
+
 LOGITS_TO_KEEP = "logits_to_keep"  # graph input of passes/logits.py
 
 
@@ -192,10 +241,8 @@ def linears_reading(value: ir.Value) -> list[_LinearMatch]:
     out = []
     for use in value.uses():
         if use.idx == 0:
-            m = match_linear(use.node)
-            if m is not None:
-                out.append(m)
-    return sorted(out, key=lambda m: m.node.name)
+            out.extend(match_linears(use.node))
+    return sorted(out, key=lambda m: m.node.name)  # (stable: shared first factors keep column order)
 
 
 def _other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
@@ -754,4 +801,4 @@ def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
     return values
 
 
-__all__ = ["analyze", "match_linear", "match_norm_on", "const_array"]
+__all__ = ["analyze", "match_linear", "match_linears", "match_norm_on", "const_array"]

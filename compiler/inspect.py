@@ -16,7 +16,8 @@ their library loads into ONNX Runtime; and one row per linear layer (from llmfol
     group     int4 block size along K
     rank      r for low-rank
     bytes     bytes of the layer's initializers (weights, scales, zero points, bias); an initializer
-              shared by several layers (fused q/k/v) is split between them in proportion to N;
+              shared by several layers (fused q/k/v) is split between them in proportion to N
+              (a low-rank first factor shared by pairs, passes/pack_lowrank.py: to the rank);
               an lm_head that reads the embedding initializer itself reports its bytes with "tied": true
               (and is left out of the linear-bytes total)
     macs      multiply-accumulates per token: K·N for dense and int4, r·(K + N) for low-rank
@@ -185,6 +186,12 @@ def get_structure(model, meta: dict | None):
         return None, "analysis", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
 
 
+def _width(lin) -> int:
+    """A layer's share of a weight several layers read: its columns (packed q/k/v: N), or its rank
+    for a low-rank pair's shared first factor (passes/pack_lowrank.py; its second factor is its own)."""
+    return lin.rank if lin.rank_columns else lin.N
+
+
 def linear_rows(model, st) -> list[dict]:
     """One dict per linear layer (see the module docstring for the fields)."""
     graph = model.graph
@@ -213,7 +220,7 @@ def linear_rows(model, st) -> list[dict]:
         nbytes = 0.0
         for n in used[lin.name]:
             share = sharers[n]
-            nbytes += _tensor_bytes(inits[n]) * (lin.N / sum(x.N for x in share) if len(share) > 1 else 1.0)
+            nbytes += _tensor_bytes(inits[n]) * (_width(lin) / sum(_width(x) for x in share) if len(share) > 1 else 1.0)
         if lin.kind == "low-rank" and lin.rank:
             macs = lin.rank * (lin.K + lin.N)
         else:
@@ -243,6 +250,8 @@ def linear_rows(model, st) -> list[dict]:
                 "macs_per_token": int(macs),
                 # columns [start, stop) of a node several roles share (packed q/k/v), else None
                 "packed_columns": list(lin.columns) if lin.columns else None,
+                # columns [start, stop) of a first factor several low-rank pairs share, else None
+                "shared_rank_columns": list(lin.rank_columns) if lin.rank_columns else None,
                 # tied: the lm_head reads the embedding initializer itself (not a copy of it)
                 "tied": bool(lin.role == "lm_head" and st.embedding is not None and st.embedding in used[lin.name]),
             }
@@ -366,7 +375,7 @@ def inspect_model(path) -> dict:
     return report
 
 
-_DIFF_FIELDS = ("kind", "K", "N", "bits", "group", "rank", "act_bits", "hadamard", "packed_columns", "bytes",
+_DIFF_FIELDS = ("kind", "K", "N", "bits", "group", "rank", "act_bits", "hadamard", "packed_columns", "shared_rank_columns", "bytes",
                 "macs_per_token")
 
 

@@ -38,6 +38,10 @@ class Linear:
     # [start, stop) columns of `weight` when several roles share one fused MatMul (e.g. the packed
     # QKV of an onnxruntime-genai export); N = stop - start. None: the layer owns the whole node.
     columns: list[int] | None = None
+    # [start, stop) columns of the first node's output when several low-rank layers share one
+    # first factor (passes/pack_lowrank.py; nodes = [shared first node, own second node]);
+    # rank = stop - start. None: the pair's first factor is its own.
+    rank_columns: list[int] | None = None
 
 
 @dataclass

@@ -13,6 +13,7 @@
     swiglu_qmatmul  gate/up QMatMuls + SiLU·up as one QMatMul with a SwiGLU epilogue (after silu_op)
     skip_norm    residual add + RMSNorm as one SkipSimplifiedLayerNormalization node (run last)
     logits_to_keep  optional input: lm_head computes the last n positions only (run last)
+    pack_lowrank low-rank pairs reading one input share one first-factor linear, split (run last)
     packed_matmul  float32 MatMuls → llmfold.PackedMatMul, weights in decode's read order (run last)
 """
 
@@ -22,7 +23,7 @@ import importlib
 
 from passes.base import REGISTRY, CompilerPass, make_params, register_pass
 
-for _module in ("cleanup", "int4", "tune_scales", "svd", "tune_lowrank", "affine", "rotate", "token_prune", "pack", "silu", "swiglu", "skip_norm", "logits", "packed_matmul"):
+for _module in ("cleanup", "int4", "tune_scales", "svd", "tune_lowrank", "affine", "rotate", "token_prune", "pack", "silu", "swiglu", "skip_norm", "logits", "pack_lowrank", "packed_matmul"):
     try:
         importlib.import_module(f"passes.{_module}")
     except ModuleNotFoundError as e:  # a method not written yet is simply not registered

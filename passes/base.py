@@ -18,12 +18,13 @@ otherwise it calls `ctx.invalidate_stats` and later passes get them re-collected
 transformed graph. `ctx.record(...)` adds what the pass did to llmfold.json.
 
 The fused export packs each block's q/k/v into one MatMul, and recipes end with runtime-layout
-passes (pack_qkv, skip_norm, silu_op, logits_to_keep, packed_matmul). A pass sees the plain layout —
+passes (pack_qkv, skip_norm, silu_op, logits_to_keep, pack_lowrank, packed_matmul). A pass sees the plain layout —
 three q/k/v MatMuls, Add + RMSNormalization, lm_head on every position, plain MatMul weights —
 unless it sets `needs_plain_layout = False`: before it runs, `to_plain_layout` splits packed q/k/v
 (exact: the same dot products) and fused residual norms (same math, float rounding) back, turns
-PackedMatMuls back into MatMuls (exact) and removes the logits_to_keep slice (passes/pack.py
-`unpack_qkv`, passes/skip_norm.py, passes/packed_matmul.py, passes/logits.py).
+PackedMatMuls back into MatMuls (exact), gives low-rank pairs their own first factors again (exact)
+and removes the logits_to_keep slice (passes/pack.py `unpack_qkv`, passes/skip_norm.py,
+passes/packed_matmul.py, passes/pack_lowrank.py, passes/logits.py).
 """
 
 from __future__ import annotations
@@ -80,22 +81,25 @@ def to_plain_layout(model: ir.Model, ctx: "CompileContext") -> bool:
     logits_to_keep slice; changed?"""
     from passes.logits import drop_logits_slice
     from passes.pack import unpack_qkv
+    from passes.pack_lowrank import unpack_first_factors
     from passes.packed_matmul import unpack_packed_matmuls
     from passes.skip_norm import unfuse_skip_norms
 
     tiles = unpack_packed_matmuls(model)
+    shared = unpack_first_factors(model)  # (after the PackedMatMuls: it splits MatMuls)
     sliced = drop_logits_slice(model.graph)
     norms = unfuse_skip_norms(model.graph)
-    if norms or sliced or tiles:
+    if norms or sliced or tiles or shared:
         ctx.invalidate_structure()
     blocks = unpack_qkv(model, ctx.structure(model))
     if blocks:
         ctx.invalidate_structure()
-    if norms or blocks or sliced or tiles:
+    if norms or blocks or sliced or tiles or shared:
         ctx.log(f"plain layout for the next pass: {blocks} packed q/k/v split, {norms} fused residual norms split"
                 + (f", {tiles} PackedMatMuls back to MatMul" if tiles else "")
+                + (f", {shared} shared low-rank first factors split" if shared else "")
                 + (", the logits_to_keep slice removed" if sliced else ""))
-    return bool(norms or blocks or sliced or tiles)
+    return bool(norms or blocks or sliced or tiles or shared)
 
 
 def register_pass(cls: type[CompilerPass]) -> type[CompilerPass]:

@@ -1,4 +1,4 @@
-"""Helpers shared by test_rotate and test_affine: run an in-memory graph, compare logits."""
+"""Helpers shared by the pass tests: run an in-memory graph or a model directory, compare logits."""
 
 from __future__ import annotations
 
@@ -35,3 +35,18 @@ def make_ctx(model_dir, windows: int = 4, seq_len: int = 32):
 
 def sample_ids(vocab: int = 300, shape=(2, 20), seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int64)
+
+
+def op_types(d) -> list[str]:
+    """The op types of a model directory's graph, in order."""
+    return [n.op_type for n in ir.load(d / "model.onnx").graph]
+
+
+def runtime_outputs(d):
+    """(prefill logits, 8 greedy tokens, their logits) of a model directory in llmfold's runtime, 1 thread."""
+    from compiler import runtime
+
+    lm = runtime.open_session(d, threads=1)
+    ids = np.arange(5, 45)
+    g = lm.greedy(ids, 8, keep_logits=True)
+    return lm.prefill_logits(ids), g["tokens"], g["logits"]

@@ -8,32 +8,21 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from compiler import runtime
 from compiler.custom_ops import unpack_float_tiles
 from compiler.driver import compile_model
 from compiler.modeldir import open_model_dir
 from compiler.testing import _training_text, compile_recipe_text
+from fold_helpers import op_types, runtime_outputs
 from passes.base import REGISTRY, CompilerPass
 
 PACKED = '[[pass]]\nname = "packed_matmul"\n'
 SVD = '[calibration]\nwindows = 8\nseq_len = 64\n[[pass]]\nname = "svd"\nratio = 0.3\nupdate = false\n'
 
 
-def _ops(d: Path) -> list[str]:
-    return [n.op_type for n in ir.load(d / "model.onnx").graph]
-
-
-def _outputs(d: Path):
-    lm = runtime.open_session(d, threads=1)
-    ids = np.arange(5, 45)
-    g = lm.greedy(ids, 8, keep_logits=True)
-    return lm.prefill_logits(ids), g["tokens"], g["logits"]
-
-
 def _close(a: Path, b: Path) -> None:
     """Same greedy tokens; logits within float summation error (measured ≤ 2e-6 on the tiny model)."""
-    pa, ta, la = _outputs(a)
-    pb, tb, lb = _outputs(b)
+    pa, ta, la = runtime_outputs(a)
+    pb, tb, lb = runtime_outputs(b)
     assert ta == tb
     np.testing.assert_allclose(pa, pb, rtol=0, atol=2e-5 * np.abs(pa).max())
     np.testing.assert_allclose(la, lb, rtol=0, atol=2e-5 * np.abs(la).max())
@@ -42,8 +31,8 @@ def _close(a: Path, b: Path) -> None:
 def test_every_float_matmul_becomes_packed_with_the_same_products(tiny_model_dir, tmp_path):
     plain = compile_recipe_text(tiny_model_dir, tmp_path, "plain", '[[pass]]\nname = "cleanup"\n')
     packed = compile_recipe_text(tiny_model_dir, tmp_path, "packed", PACKED)
-    n_matmul = _ops(plain).count("MatMul")
-    assert n_matmul > 0 and _ops(packed).count("PackedMatMul") == n_matmul and "MatMul" not in _ops(packed)
+    n_matmul = op_types(plain).count("MatMul")
+    assert n_matmul > 0 and op_types(packed).count("PackedMatMul") == n_matmul and "MatMul" not in op_types(packed)
     _close(plain, packed)
     # the packed tensors are the plain weights in tiles, exactly (and nothing else is stored)
     m_plain, m_packed = ir.load(plain / "model.onnx"), ir.load(packed / "model.onnx")
@@ -106,7 +95,7 @@ def test_passes_after_it_see_plain_matmuls_exactly(tiny_model_dir, tmp_path):
         via_packed = compile_model(packed, tmp_path / "via_packed", recipe=recipe, progress=False)
     finally:
         del REGISTRY[_ReadsLinears.name]
-    assert "PackedMatMul" not in _ops(via_packed) and sorted(_ops(via_packed)) == sorted(_ops(via_plain))
+    assert "PackedMatMul" not in op_types(via_packed) and sorted(op_types(via_packed)) == sorted(op_types(via_plain))
     a, b = ir.load(via_plain / "model.onnx").graph.initializers, ir.load(via_packed / "model.onnx").graph.initializers
     assert a.keys() == b.keys()
     for name in a:
