@@ -24,9 +24,9 @@ a value r, possibly with a pending sublayer output s not yet added (r + s):
 
 A linear layer is recognized by what it computes, not by its name: a MatMul whose second input
 is a 2-D initializer [K, N] (dense), a MatMul [K, r] whose only consumer is a MatMul [r, N] with
-r < min(K, N) (low-rank; pairs reading one X may share their first factor X·[W₁ᵃ | W₁ᵇ | …] through a
-Split, passes/pack_lowrank.py: `match_linears`), a `llmfold.PackedMatMul` (dense, float weights in
-tiles; attributes K, N),
+r < min(K, N) (low-rank; pairs reading one X may share their first factor X·[W₁ᵃ | W₁ᵇ | …], followed
+by a Split or one block-diagonal PackedMatMul of the second factors, passes/pack_lowrank.py:
+`match_linears`), a `llmfold.PackedMatMul` (dense, float weights in tiles; attributes K, N),
 a `llmfold.QMatMul` (int4; attributes K, N, block_size, act_bits), or
 a `com.microsoft.MatMulNBits` (attributes K, N, bits, block_size). Every linear-like node that
 could not be placed, and every step that failed, is listed in `unrecognized`; nothing is guessed.
@@ -129,8 +129,10 @@ def _single_linear(node: ir.Node) -> _LinearMatch | None:
         if x is None or is_const(x) or shape is None or len(shape) != 2:
             return None
         return _LinearMatch(node, [node], x, node.outputs[0], shape[0], shape[1], "dense", weight=w.name)
-    if node.op_type == "PackedMatMul" and node.domain == "llmfold" and len(node.inputs) >= 2:
+    if node.op_type == "PackedMatMul" and node.domain == "llmfold" and len(node.inputs) >= 2 and len(node.outputs) == 1:
         a = node.attributes  # float weights in 16-column tiles (passes/packed_matmul.py): dense
+        # (the block-diagonal form, one output per group, is only the second factor of pairs sharing
+        # a first factor: `match_linears`)
         return _LinearMatch(node, [node], node.inputs[0], node.outputs[0], a.get_int("K"), a.get_int("N"), "dense")
     if node.op_type == "QMatMul" and node.domain == "llmfold":
         a = node.attributes
@@ -192,33 +194,52 @@ def _shared_first_factor_layers(node: ir.Node) -> list[str] | None:
     return layers if isinstance(layers, list) and all(isinstance(t, str) for t in layers) else None
 
 
+def _shared_seconds(first: _LinearMatch, n: int) -> list[tuple[ir.Node, ir.Value, int, int, str | None]] | None:
+    """(second-factor node, its output, rank, N, its tag) per layer after a shared first factor: a
+    Split(axis -1) whose pieces each feed one linear, or one block-diagonal PackedMatMul (one output
+    per group); None when neither follows."""
+    uses = list(first.output.uses())
+    if len(uses) != 1 or uses[0].idx != 0 or first.output.is_graph_output():
+        return None
+    reader = uses[0].node
+    if reader.op_type == "PackedMatMul" and reader.domain == "llmfold" and len(reader.outputs) == n:
+        gk, gn = reader.attributes.get("group_k"), reader.attributes.get("group_n")
+        if gk is None or gn is None or len(gk.value) != n or len(gn.value) != n:
+            return None
+        return [(reader, out, int(k), int(m), None) for out, k, m in zip(reader.outputs, gk.value, gn.value)]
+    sizes = const_array(reader.inputs[1]) if is_onnx_op(reader, "Split") and len(reader.inputs) > 1 else None
+    if sizes is None or sizes.ndim != 1 or len(sizes) != n or len(reader.outputs) != n or reader.attributes.get_int("axis", 0) != -1:
+        return None
+    out = []
+    for size, piece in zip(sizes.tolist(), reader.outputs):
+        piece_uses = list(piece.uses())
+        second = _single_linear(piece_uses[0].node) if len(piece_uses) == 1 and piece_uses[0].idx == 0 else None
+        if second is None or second.K != size or piece.is_graph_output():
+            return None
+        out.append((second.node, second.output, int(size), second.N, _layer_tag(second.node)))
+    return out
+
+
 def match_linears(node: ir.Node) -> list[_LinearMatch]:
     """The linear layers starting at `node`: several when it is the first factor that low-rank
-    pairs share (passes/pack_lowrank.py: X·[W₁ᵃ | W₁ᵇ | …] → Split(axis -1) → each piece read by
-    one second factor tagged with the layer named in the shared node's record), else
-    [match_linear(node)] (or [])."""
+    pairs share (passes/pack_lowrank.py: X·[W₁ᵃ | W₁ᵇ | …], its record naming the layers, then a
+    block-diagonal PackedMatMul of their second factors with one output per layer, or a Split whose
+    pieces feed the second factors, tagged with those layers), else [match_linear(node)] (or [])."""
     first = _single_linear(node)
     tags = _shared_first_factor_layers(node) if first is not None else None
-    uses = list(first.output.uses()) if tags else []
-    split = uses[0].node if len(uses) == 1 and uses[0].idx == 0 and not first.output.is_graph_output() else None
-    sizes = const_array(split.inputs[1]) if split is not None and is_onnx_op(split, "Split") and len(split.inputs) > 1 else None
-    if (sizes is not None and sizes.ndim == 1 and len(sizes) == len(split.outputs) == len(tags)
-            and int(sizes.sum()) == first.N and split.attributes.get_int("axis", 0) == -1):
+    seconds = _shared_seconds(first, len(tags)) if tags else None
+    if seconds is not None and sum(s[2] for s in seconds) == first.N and all(t in (None, tag) for tag, (*_, t) in zip(tags, seconds)):
         out, start = [], 0
-        for tag, size, piece in zip(tags, sizes.tolist(), split.outputs):
-            piece_uses = list(piece.uses())
-            second = _single_linear(piece_uses[0].node) if len(piece_uses) == 1 and piece_uses[0].idx == 0 else None
-            if second is None or second.K != size or _layer_tag(second.node) != tag or piece.is_graph_output():
-                break
-            quantized = second if second.kind != "dense" else None
-            out.append(_LinearMatch(node, [node, second.node], first.input, second.output, first.K, second.N,
-                                    "low-rank", rank=int(size), bits=quantized.bits if quantized else None,
+        for second, output, rank, n, _ in seconds:
+            q = _single_linear(second) if len(second.outputs) == 1 else None
+            quantized = q if q is not None and q.kind != "dense" else None
+            out.append(_LinearMatch(node, [node, second], first.input, output, first.K, n, "low-rank", rank=rank,
+                                    bits=quantized.bits if quantized else None,
                                     block_size=quantized.block_size if quantized else None,
                                     act_bits=quantized.act_bits if quantized else None,
-                                    rank_columns=(start, start + int(size))))
-            start += int(size)
-        else:
-            return out
+                                    rank_columns=(start, start + rank)))
+            start += rank
+        return out
     m = match_linear(node)
     return [m] if m is not None else []
 

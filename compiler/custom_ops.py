@@ -232,6 +232,52 @@ def unpack_float_tiles(packed: np.ndarray, K: int, N: int) -> np.ndarray:
     return np.ascontiguousarray(W[:, :N])
 
 
+MAX_FLOAT_GROUPS = 8  # PackedMatMul's block-diagonal form: outputs the op declares
+
+
+def check_float_groups(K: int, N: int, group_k: Sequence[int], group_n: Sequence[int]) -> None:
+    """ValueError unless group_k/group_n describe a block-diagonal PackedMatMul [K, N] (the op's checks)."""
+    if len(group_k) != len(group_n) or not 1 <= len(group_k) <= MAX_FLOAT_GROUPS:
+        raise ValueError(f"group_k and group_n must have the same number of entries, 1 to {MAX_FLOAT_GROUPS}; "
+                         f"got {len(group_k)} and {len(group_n)}")
+    if min(group_k) < 1 or min(group_n) < 1:
+        raise ValueError(f"every group needs at least one row and column: group_k {list(group_k)}, group_n {list(group_n)}")
+    if sum(group_k) != K or sum(group_n) != N:
+        raise ValueError(f"group_k must sum to K={K} and group_n to N={N}; they sum to {sum(group_k)} and {sum(group_n)}")
+
+
+def pack_float_groups(weights: Sequence[np.ndarray]) -> np.ndarray:
+    """The block-diagonal PackedMatMul's B: each W_g [K_g, N_g] packed by :func:`pack_float_tiles`,
+    one after another."""
+    return np.concatenate([pack_float_tiles(W) for W in weights])
+
+
+def unpack_float_groups(packed: np.ndarray, group_k: Sequence[int], group_n: Sequence[int]) -> list[np.ndarray]:
+    """Exact inverse of :func:`pack_float_groups`: the W_g."""
+    flat, out, start = np.asarray(packed).reshape(-1), [], 0
+    sizes = [-(-n // TILE_N) * k * TILE_N for k, n in zip(group_k, group_n)]
+    if flat.size != sum(sizes):
+        raise ValueError(f"packed float groups of {flat.size} elements do not match group_k {list(group_k)}, "
+                         f"group_n {list(group_n)} (need {sum(sizes)})")
+    for k, n, size in zip(group_k, group_n, sizes):
+        out.append(unpack_float_tiles(flat[start: start + size], k, n))
+        start += size
+    return out
+
+
+def packed_group_matmul_reference(A: np.ndarray, packed: np.ndarray, group_k: Sequence[int], group_n: Sequence[int],
+                                  bias: np.ndarray | None = None) -> list[np.ndarray]:
+    """The block-diagonal PackedMatMul in numpy: output g = A[..., group g's columns] · W_g (+ its bias
+    slice), each through :func:`packed_matmul_reference`."""
+    A = np.asarray(A, dtype=np.float32)
+    outs, k0, n0 = [], 0, 0
+    for k, n, W in zip(group_k, group_n, unpack_float_groups(packed, group_k, group_n)):
+        b = None if bias is None else np.asarray(bias)[n0: n0 + n]
+        outs.append(packed_matmul_reference(A[..., k0: k0 + k], pack_float_tiles(W), k, n, b))
+        k0, n0 = k0 + k, n0 + n
+    return outs
+
+
 def packed_matmul_reference(A: np.ndarray, packed: np.ndarray, K: int, N: int,
                             bias: np.ndarray | None = None) -> np.ndarray:
     """PackedMatMul semantics in numpy: A float32 [..., K] times the unpacked [K, N] (+ bias), summed
@@ -534,8 +580,8 @@ def _qmatmul_infer(ctx) -> None:
     _set_linear_output(ctx, "QMatMul", K, N // 2 if glu else N)
 
 
-def _set_linear_output(ctx, op: str, K: int, n_out: int) -> None:
-    """Output 0 of a linear op: float [..., n_out] for A [..., K] (A's last dimension checked)."""
+def _set_linear_output(ctx, op: str, K: int, n_out: int, index: int = 0) -> None:
+    """Output `index` of a linear op: float [..., n_out] for A [..., K] (A's last dimension checked)."""
     import onnx
 
     out = onnx.TypeProto()
@@ -551,7 +597,7 @@ def _set_linear_output(ctx, op: str, K: int, n_out: int) -> None:
         for d in dims[:-1]:
             shp.dim.add().CopyFrom(d)
         shp.dim.add().dim_value = n_out
-    ctx.set_output_type(0, out)
+    ctx.set_output_type(index, out)
 
 
 def _packed_matmul_infer(ctx) -> None:
@@ -561,7 +607,17 @@ def _packed_matmul_infer(ctx) -> None:
     N = ctx.get_attribute("N")
     if K is None or N is None or K.i < 1 or N.i < 1:
         raise onnx.shape_inference.InferenceError("[llmfold.PackedMatMul] positive attributes K and N are required")
-    _set_linear_output(ctx, "PackedMatMul", K.i, N.i)
+    gk, gn = ctx.get_attribute("group_k"), ctx.get_attribute("group_n")
+    gk, gn = (list(gk.ints) if gk else [K.i]), (list(gn.ints) if gn else [N.i])
+    try:
+        check_float_groups(K.i, N.i, gk, gn)
+    except ValueError as e:
+        raise onnx.shape_inference.InferenceError(f"[llmfold.PackedMatMul] {e}") from None
+    if ctx.get_num_outputs() != len(gk):
+        raise onnx.shape_inference.InferenceError(
+            f"[llmfold.PackedMatMul] {ctx.get_num_outputs()} outputs for {len(gk)} group(s); one output per group")
+    for g, n in enumerate(gn):
+        _set_linear_output(ctx, "PackedMatMul", K.i, n, index=g)
 
 
 def _token_prune_infer(ctx) -> None:
@@ -650,14 +706,20 @@ def _schemas():
         "PackedMatMul", DOMAIN, OPSET_VERSION,
         doc="Y[...,N] = A[...,K] . W[K,N] (+ bias) in float32, W in 16-column tiles, 4 tiles to a group stored "
             "[K][tiles][16] (custom_ops/README.md): ONNX MatMul's product with the weights in the order a decode step "
-            "reads them.",
+            "reads them. With group_k/group_n (G entries summing to K and N) W is block-diagonal and output g is "
+            "A[..., group g's columns] . W_g (+ bias slice), the G packings one after another in B.",
         inputs=[FP("A", "T", "float activations [..., K]"),
-                FP("B", "T", "packed float32 weights, n_tiles*K*16 values (16-column tiles in groups of 4)"),
+                FP("B", "T", "packed float32 weights, n_tiles*K*16 values (16-column tiles in groups of 4), per group"),
                 FP("bias", "T", "bias [N]", param_option=opt)],
-        outputs=[FP("Y", "T", "output [..., N]")],
+        outputs=[FP("Y", "T", "output [..., N], or one [..., group_n[g]] per group",
+                    param_option=OS.FormalParameterOption.Variadic, is_homogeneous=True, min_arity=1)],
         type_constraints=[("T", ["tensor(float)"], "float")],
         attributes=[OS.Attribute("K", OS.AttrType.INT, "input features"),
-                    OS.Attribute("N", OS.AttrType.INT, "output features")],
+                    OS.Attribute("N", OS.AttrType.INT, "output features"),
+                    OS.Attribute("group_k", OS.AttrType.INTS, "block-diagonal W: input features per group (sum K)",
+                                 required=False),
+                    OS.Attribute("group_n", OS.AttrType.INTS, "block-diagonal W: output features per group (sum N)",
+                                 required=False)],
     )
     f.set_type_and_shape_inference_function(_packed_matmul_infer)
     t = OS(

@@ -17,7 +17,8 @@ their library loads into ONNX Runtime; and one row per linear layer (from llmfol
     rank      r for low-rank
     bytes     bytes of the layer's initializers (weights, scales, zero points, bias); an initializer
               shared by several layers (fused q/k/v) is split between them in proportion to N
-              (a low-rank first factor shared by pairs, passes/pack_lowrank.py: to the rank);
+              (a low-rank first factor shared by pairs, passes/pack_lowrank.py: to the rank; their
+              block-diagonal second factor: to rank·N);
               an lm_head that reads the embedding initializer itself reports its bytes with "tied": true
               (and is left out of the linear-bytes total)
     macs      multiply-accumulates per token: K·N for dense and int4, r·(K + N) for low-rank
@@ -186,10 +187,16 @@ def get_structure(model, meta: dict | None):
         return None, "analysis", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
 
 
-def _width(lin) -> int:
-    """A layer's share of a weight several layers read: its columns (packed q/k/v: N), or its rank
-    for a low-rank pair's shared first factor (passes/pack_lowrank.py; its second factor is its own)."""
-    return lin.rank if lin.rank_columns else lin.N
+def _share(lin, weight: str, by_name) -> int:
+    """How much of a weight several layers read is this layer's: its columns (packed q/k/v: N); for
+    low-rank pairs sharing a first factor (passes/pack_lowrank.py) its rank in the shared W₁ (the
+    layers have the same K) and rank·N in a block-diagonal W₂."""
+    if not lin.rank_columns:
+        return lin.N
+    first = by_name.get(lin.nodes[0]) if lin.nodes else None
+    if first is not None and any(v is not None and v.name == weight for v in first.inputs):
+        return lin.rank
+    return lin.rank * lin.N
 
 
 def linear_rows(model, st) -> list[dict]:
@@ -220,7 +227,8 @@ def linear_rows(model, st) -> list[dict]:
         nbytes = 0.0
         for n in used[lin.name]:
             share = sharers[n]
-            nbytes += _tensor_bytes(inits[n]) * (_width(lin) / sum(_width(x) for x in share) if len(share) > 1 else 1.0)
+            nbytes += _tensor_bytes(inits[n]) * (_share(lin, n, by_name) / sum(_share(x, n, by_name) for x in share)
+                                                 if len(share) > 1 else 1.0)
         if lin.kind == "low-rank" and lin.rank:
             macs = lin.rank * (lin.K + lin.N)
         else:

@@ -85,8 +85,8 @@ def to_plain_layout(model: ir.Model, ctx: "CompileContext") -> bool:
     from passes.packed_matmul import unpack_packed_matmuls
     from passes.skip_norm import unfuse_skip_norms
 
+    shared = unpack_first_factors(model)  # (first: unpack_packed_matmuls leaves block-diagonal ones alone)
     tiles = unpack_packed_matmuls(model)
-    shared = unpack_first_factors(model)  # (after the PackedMatMuls: it splits MatMuls)
     sliced = drop_logits_slice(model.graph)
     norms = unfuse_skip_norms(model.graph)
     if norms or sliced or tiles or shared:

@@ -93,8 +93,8 @@ def unpack_packed_matmuls(model: ir.Model) -> int:
     plain: dict[int, ir.Value] = {}  # one plain weight per packed one, however many nodes read it
     for node in [n for n in graph if n.op_type == OP and n.domain == DOMAIN]:
         B = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        if B is None or (len(node.inputs) > 2 and node.inputs[2] is not None):
-            continue
+        if B is None or (len(node.inputs) > 2 and node.inputs[2] is not None) or len(node.outputs) != 1 or "group_k" in node.attributes:
+            continue  # (block-diagonal ones: passes/pack_lowrank.py splits them)
         K, N = node.attributes.get_int("K"), node.attributes.get_int("N")
         b = node.inputs[1]
         if id(b) not in plain:

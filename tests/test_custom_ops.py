@@ -598,6 +598,82 @@ def test_packed_matmul_schema_shape_inference():
         onnx.shape_inference.infer_shapes(packed_matmul_model(K, N, p, a_shape=[2, 49]), strict_mode=True)
 
 
+def packed_group_model(group_k, group_n, packed, bias=None, a_shape=None, outputs=None, attrs=None):
+    """A block-diagonal PackedMatMul: one output per group (or `outputs` names), weights constant."""
+    K, N = sum(group_k), sum(group_n)
+    a_shape = a_shape or ["M", K]
+    outs = outputs or [f"Y{g}" for g in range(len(group_k))]
+    inits = [numpy_helper.from_array(packed, "B")]
+    names = ["A", "B"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "bias"))
+        names.append("bias")
+    kw = {"group_k": list(group_k), "group_n": list(group_n)} if attrs is None else attrs
+    node = helper.make_node("PackedMatMul", names, outs, domain=co.DOMAIN, K=K, N=N, **kw)
+    ys = [helper.make_tensor_value_info(o, TP.FLOAT, list(a_shape[:-1]) + [n]) for o, n in zip(outs, group_n)]
+    g = helper.make_graph([node], "packed_group", [helper.make_tensor_value_info("A", TP.FLOAT, a_shape)], ys, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(co.DOMAIN, 1)])
+    m.ir_version = 10
+    return m
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 40])
+@pytest.mark.parametrize("group_k,group_n,with_bias", [((230, 115, 115), (576, 192, 192), False),
+                                                       ((335, 335), (1536, 1536), False),
+                                                       ((7, 30, 1), (17, 5, 40), True)])
+def test_packed_matmul_groups_are_the_separate_products_bit_for_bit(lib, M, group_k, group_n, with_bias):
+    """Output g of the block-diagonal form is group g's own PackedMatMul of its columns of A, bit for
+    bit (each output is one k-order sum whatever the tiles around it), with 1 and 2 threads."""
+    rng = np.random.default_rng(M + sum(group_k))
+    Ws = [rng.standard_normal((k, n)).astype(np.float32) * 0.05 for k, n in zip(group_k, group_n)]
+    bias = rng.standard_normal(sum(group_n)).astype(np.float32) if with_bias else None
+    A = rng.standard_normal((M, sum(group_k))).astype(np.float32)
+    packed = co.pack_float_groups(Ws)
+    assert [np.array_equal(a, b) for a, b in zip(co.unpack_float_groups(packed, group_k, group_n), Ws)] == [True] * len(Ws)
+    for threads in (1, 2):
+        ys = session(packed_group_model(group_k, group_n, packed, bias), threads=threads).run(None, {"A": A})
+        k0 = n0 = 0
+        for g, (k, n) in enumerate(zip(group_k, group_n)):
+            b = None if bias is None else bias[n0: n0 + n]
+            alone = session(packed_matmul_model(k, n, co.pack_float_tiles(Ws[g]), b), threads=threads)
+            assert np.array_equal(ys[g], alone.run(None, {"A": np.ascontiguousarray(A[:, k0: k0 + k])})[0])
+            k0, n0 = k0 + k, n0 + n
+    for y, r in zip(ys, co.packed_group_matmul_reference(A, packed, group_k, group_n, bias)):
+        assert np.allclose(y, r, rtol=1e-5, atol=1e-5 * float(np.abs(r).max()))
+
+
+def test_packed_matmul_groups_bad_attributes(lib):
+    gk, gn = (8, 4), (16, 20)
+    p = co.pack_float_groups([np.ones((k, n), np.float32) for k, n in zip(gk, gn)])
+    A = np.ones((2, 12), np.float32)
+    _expect_error(lambda: session(packed_group_model(gk, gn, p, attrs={"group_k": [8, 4]})),
+                  "attributes group_k and group_n come together (one is missing)")
+    _expect_error(lambda: session(packed_group_model(gk, gn, p, attrs={"group_k": [8, 4], "group_n": [16]})),
+                  "group_k and group_n must have the same number of entries, 1 to 8; got 2 and 1")
+    _expect_error(lambda: session(packed_group_model(gk, gn, p, attrs={"group_k": [8, 4], "group_n": [26, 10]})).run(None, {"A": A}),
+                  "packed B has 256 elements; K=12 N=36 in groups needs exactly 320")
+    _expect_error(lambda: session(packed_group_model(gk, gn, p, attrs={"group_k": [12, 0], "group_n": [16, 20]})),
+                  "group 1 is empty: group_k 0, group_n 20")
+    _expect_error(lambda: session(packed_group_model(gk, gn, p, attrs={"group_k": [8, 5], "group_n": [16, 20]})),
+                  "group_k must sum to K=12 and group_n to N=36; they sum to 13 and 36")
+    _expect_error(lambda: session(packed_group_model(gk, gn, p[:-16])).run(None, {"A": A}),
+                  "packed B has 240 elements; K=12 N=36 in groups needs exactly 256 (n_tiles*K*16 summed over the groups)")
+    _expect_error(lambda: session(packed_group_model(gk, gn, p, outputs=["Y0"])).run(None, {"A": A}),
+                  "the node has 1 outputs; its 2 group(s) need exactly as many")
+    ys = session(packed_group_model(gk, gn, p)).run(None, {"A": A})  # the process is alive; a good model runs
+    assert [y.shape for y in ys] == [(2, 16), (2, 20)]
+    co.register_schemas()
+    m = packed_group_model(gk, gn, p, a_shape=[2, "T", 12])
+    onnx.checker.check_model(m)
+    out = onnx.shape_inference.infer_shapes(m, strict_mode=True).graph.output
+    assert [[d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim] for o in out] == [[2, "T", 16], [2, "T", 20]]
+    with pytest.raises(onnx.shape_inference.InferenceError, match="1 outputs for 2 group"):
+        onnx.shape_inference.infer_shapes(packed_group_model(gk, gn, p, outputs=["Y0"]), strict_mode=True)
+    with pytest.raises(onnx.shape_inference.InferenceError, match="group_k must sum to K=12"):
+        onnx.shape_inference.infer_shapes(packed_group_model(gk, gn, p, attrs={"group_k": [8, 5], "group_n": [16, 20]}),
+                                          strict_mode=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # TokenPrune
 

@@ -27,19 +27,24 @@ def svd_dir(tiny_layout_dir, tmp_path) -> Path:
     return compile_recipe_text(tiny_layout_dir, tmp_path, "svd", SVD, calib=calib)
 
 
-def test_shared_first_factors_give_the_same_logits_bit_for_bit(svd_dir, tmp_path):
-    """On PackedMatMul every output is one k-order sum whatever its column, so packing the first
-    factors side by side changes no bit; the layers keep their names, kinds and ranks."""
+@pytest.mark.parametrize("grouped", [True, False])
+def test_shared_first_factors_give_the_same_logits_bit_for_bit(svd_dir, tmp_path, grouped):
+    """On PackedMatMul every output is one k-order sum whatever its column or block, so packing the
+    first factors side by side, and the second factors block-diagonally (when packed_matmul ran
+    first) or behind a Split (when it runs after), changes no bit; the layers keep their names,
+    kinds and ranks."""
     packed = compile_recipe_text(svd_dir, tmp_path, "packed", PACKED)
-    shared = compile_recipe_text(svd_dir, tmp_path, "shared", PACK + PACKED)
+    shared = compile_recipe_text(svd_dir, tmp_path, "shared", PACKED + PACK if grouped else PACK + PACKED)
     blocks = len(open_model_dir(svd_dir).structure().blocks)
-    assert op_types(shared).count("PackedMatMul") == op_types(packed).count("PackedMatMul") - 3 * blocks  # q/k/v 3→1, gate/up 2→1
-    assert op_types(shared).count("Split") - op_types(packed).count("Split") == 2 * blocks
+    # per block: first factors q/k/v 3→1 and gate/up 2→1; grouped also the second factors
+    fewer = 6 * blocks if grouped else 3 * blocks
+    assert op_types(shared).count("PackedMatMul") == op_types(packed).count("PackedMatMul") - fewer
+    assert op_types(shared).count("Split") - op_types(packed).count("Split") == (0 if grouped else 2 * blocks)
     for a, b in zip(runtime_outputs(packed), runtime_outputs(shared)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    rec = json.loads((shared / "llmfold.json").read_text())["passes"][-2]
+    rec = json.loads((shared / "llmfold.json").read_text())["passes"][-1 if grouped else -2]
     assert rec["name"] == "pack_lowrank" and rec["records"][0]["shared_first_factors"] == 2 * blocks
-    assert rec["records"][0]["nodes_removed"] == 3 * blocks and rec["records"][0]["skipped"] == {}
+    assert rec["records"][0]["nodes_removed"] == fewer and rec["records"][0]["skipped"] == {}
     before, after = open_model_dir(packed).structure(), open_model_dir(shared).structure()
     for a, b in zip(before.linears(), after.linears()):
         assert (b.name, b.kind, b.K, b.N, b.rank) == (a.name, a.kind, a.K, a.N, a.rank), b.name
@@ -90,12 +95,13 @@ class _ReadsLinears(CompilerPass):
         return ir.passes.PassResult(model, False)
 
 
-def test_passes_after_it_see_the_pairs_exactly(svd_dir, tmp_path):
-    """A pass run after pack_lowrank (+ packed_matmul) gets the graph and weights it would get from the
-    unpacked model, names and bits included."""
+@pytest.mark.parametrize("recipe", [PACKED + PACK, PACK + PACKED, PACK])
+def test_passes_after_it_see_the_pairs_exactly(svd_dir, tmp_path, recipe):
+    """A pass run after pack_lowrank (with packed_matmul before or after it, or not at all) gets the
+    graph and weights it would get from the unpacked model, bit for bit."""
     from compiler.recipe import CalibrationConfig, PassSpec, Recipe
 
-    shared = compile_recipe_text(svd_dir, tmp_path, "shared", PACK + PACKED)
+    shared = compile_recipe_text(svd_dir, tmp_path, "shared", recipe)
     REGISTRY[_ReadsLinears.name] = _ReadsLinears
     try:
         recipe = Recipe("reads", None, "", CalibrationConfig(windows=2, seq_len=16),

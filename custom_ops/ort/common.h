@@ -95,6 +95,15 @@ inline int64_t attr_int(const Ort::ConstKernelInfo& info, const char* name, bool
   }
 }
 
+// An ints attribute, or an empty vector when absent.
+inline std::vector<int64_t> attr_ints(const Ort::ConstKernelInfo& info, const char* name) {
+  try {
+    return info.GetAttributes<int64_t>(name);
+  } catch (const Ort::Exception&) {
+    return {};
+  }
+}
+
 // Constant inputs (initializers) validated once when the kernel is created: Compute recognizes
 // them by their data pointer and skips fetching their type and shape again (a few ORT API calls
 // each, a measurable part of a small M = 1 call).
