@@ -87,6 +87,23 @@ def test_export_mobile_keeps_packed_matmul(tiny_model_dir, tmp_path):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
+def test_export_mobile_keeps_block_diagonal_low_rank_pairs(tiny_model_dir, tmp_path):
+    """svd + packed_matmul + pack_lowrank (shared first factors, block-diagonal PackedMatMuls with one
+    output per pair): the .ort file gives the .onnx file's logits."""
+    from compiler.mobile import export_mobile
+    from compiler.testing import _training_text, compile_recipe_text
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join([_training_text()] * 3))
+    recipe = ('[calibration]\nwindows = 8\nseq_len = 64\n[[pass]]\nname = "svd"\nratio = 0.3\nupdate = false\n'
+              '[[pass]]\nname = "packed_matmul"\n[[pass]]\nname = "pack_lowrank"\n')
+    packed = compile_recipe_text(tiny_model_dir, tmp_path, "svd", recipe, calib=calib)
+    assert json.loads((packed / "llmfold.json").read_text())["passes"][-1]["records"][0]["shared_first_factors"] == 4
+    out = export_mobile(packed, tmp_path / "m")
+    for a, b in zip(_ort_logits(out / "model.ort", packed, True), _ort_logits(packed / "model.onnx", packed, True)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
 def test_verify_detects_a_different_model(tiny_model_dir, tiny_w4a8, tmp_path):
     """The verification is not vacuous: the w4a8 .ort model against the fp32 .onnx one fails."""
     from compiler.mobile import export_mobile, verify_ort

@@ -3,7 +3,6 @@
 //  - RegisterLlmfoldOps: the same, under a name that cannot clash when the library is linked
 //    statically into an app (SessionOptions::RegisterCustomOpsUsingFunction("RegisterLlmfoldOps")).
 #include <cstdio>
-#include <memory>
 #include <mutex>
 
 #include "common.h"
@@ -23,8 +22,10 @@ OrtStatus* register_domain(OrtSessionOptions* options, const OrtApiBase* api_bas
   }
   Ort::InitApi(api);
   // Ops and domains must outlive every session that uses them: keep them for the process lifetime.
+  // The ops are never deleted: OrtLiteCustomOp has no virtual destructor, so deleting an Op<Kernel>
+  // through it (as a unique_ptr of the base did at exit) is undefined (ASan: new-delete-type-mismatch).
   static std::mutex mu;
-  static std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>> ops;
+  static std::vector<Ort::Custom::OrtLiteCustomOp*> ops;
   static std::vector<Ort::CustomOpDomain> domains;
   std::lock_guard<std::mutex> lock(mu);
   try {
@@ -34,7 +35,7 @@ OrtStatus* register_domain(OrtSessionOptions* options, const OrtApiBase* api_bas
       for (auto* op : make_token_prune_ops()) ops.emplace_back(op);
     }
     Ort::CustomOpDomain domain{kDomain};
-    for (auto& op : ops) domain.Add(op.get());
+    for (auto* op : ops) domain.Add(op);
     Ort::UnownedSessionOptions(options).Add(domain);
     domains.push_back(std::move(domain));
   } catch (const std::exception& e) {
