@@ -41,20 +41,23 @@ def linear_stack(model_dir: Path):
             N = next(a.i for a in n.attribute if a.name == "N")
             if any(a.name == "swiglu" and a.i for a in n.attribute):
                 N //= 2  # QMatMul's SwiGLU epilogue halves the output (gate | up → silu(gate)·up)
+            widths = next((list(a.ints) for a in n.attribute if a.name == "group_n"), [N])  # block-diagonal: one output per group
         elif n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and n.input[1] in inits and len(inits[n.input[1]].dims) == 2:
             K, N = inits[n.input[1]].dims
+            widths = [N]
         else:
             continue
         kinds[n.op_type] = kinds.get(n.op_type, 0) + 1
         x = f"x{len(nodes)}"
         inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, K]))
         feeds[x] = rng.standard_normal((1, K)).astype(np.float32)
-        outputs.append(helper.make_tensor_value_info(f"y{len(nodes)}", TensorProto.FLOAT, [1, N]))
+        names = [f"y{len(nodes)}_{g}" for g in range(len(widths))]
+        outputs += [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, w]) for y, w in zip(names, widths)]
         node = onnx.NodeProto()
         node.CopyFrom(n)
         node.input[0] = x
         del node.output[:]
-        node.output.append(f"y{len(nodes)}")
+        node.output.extend(names)
         for name in n.input[1:]:
             if name and name not in used:
                 if name not in inits:

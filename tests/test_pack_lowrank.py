@@ -131,3 +131,27 @@ def test_what_cannot_be_shared_is_recorded_with_the_reason(tiny_model_dir, svd_d
     rec = json.loads((int4 / "llmfold.json").read_text())["passes"][-1]
     assert rec["records"][0]["shared_first_factors"] == 0
     assert "the first factors are int4 (QMatMul)" in rec["records"][0]["skipped"]["1"]
+
+
+def test_decode_breakdown_stacks_block_diagonal_nodes(svd_dir, tmp_path):
+    """samples/decode_breakdown.py times every linear node alone: a block-diagonal PackedMatMul goes in
+    with one output per group and runs."""
+    import sys
+
+    import onnxruntime as ort
+
+    from compiler import custom_ops as co
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "samples"))
+    try:
+        from decode_breakdown import linear_stack
+    finally:
+        sys.path.pop(0)
+    shared = compile_recipe_text(svd_dir, tmp_path, "shared", PACKED + PACK)
+    stack, feeds, nbytes, kinds = linear_stack(shared)
+    grouped = [n for n in stack.graph.node if any(a.name == "group_n" for a in n.attribute)]
+    assert len(grouped) == 4 and kinds == {"PackedMatMul": op_types(shared).count("PackedMatMul")}
+    outs = ort.InferenceSession(stack.SerializeToString(), co.make_session_options(1)).run(None, feeds)
+    assert len(outs) == len(stack.graph.output) == sum(len(n.output) for n in stack.graph.node)
+    assert nbytes == sum(i.const_value.nbytes for i in ir.load(shared / "model.onnx").graph.initializers.values()
+                         if i.name.endswith(".tiles"))
