@@ -22,7 +22,9 @@ takes about 8 s here:
 |---|---|---|---|---|---|
 | svd-10 (uniform ranks, closed-form refits) | 69.23 (1.619×) | 62.78 (1.468×) | 60.47 (1.414×) | 58.79 (1.375×) | 59.25 (1.386×) |
 | svd-20 (the same settings) | 84.00 (1.965×) | 74.00 (1.731×) | | | |
-| svd-40 (the same settings) | 129.56 (3.030×) | 103.09 (2.411×) | | | 96.48 (2.257×) |
+| svd-40 (the same settings) | 129.56 (3.030×) | 103.09 (2.411×) | | 86.46 (2.022×)¹ | 96.48 (2.257×) |
+
+¹ lr 3e-4, bfloat16 steps (`precision`), the current svd-40 (2026-12-08, 14 min 26 s).
 
 On svd-10 the held-out KL falls 0.462 → 0.425 → 0.418 → 0.411 → 0.408 at steps 0, 16, 32, 48, 64,
 and lr 3e-4 gives the same 0.409 at step 64 (lr 1e-3 raised it, 0.51 at step 32): a larger step
