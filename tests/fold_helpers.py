@@ -50,3 +50,18 @@ def runtime_outputs(d):
     ids = np.arange(5, 45)
     g = lm.greedy(ids, 8, keep_logits=True)
     return lm.prefill_logits(ids), g["tokens"], g["logits"]
+
+
+def compile_with_pass(pass_cls, sources: dict, tmp_path) -> dict:
+    """Compile each source model directory with a one-pass recipe running the test pass `pass_cls`
+    (registered for the duration); {name: output directory tmp_path/name}."""
+    from compiler.driver import compile_model
+    from compiler.recipe import CalibrationConfig, PassSpec, Recipe
+    from passes.base import REGISTRY
+
+    REGISTRY[pass_cls.name] = pass_cls
+    try:
+        recipe = Recipe("reads", None, "", CalibrationConfig(windows=2, seq_len=16), [PassSpec(pass_cls.name, pass_cls.Params(), {})])
+        return {name: compile_model(src, tmp_path / name, recipe=recipe, progress=False) for name, src in sources.items()}
+    finally:
+        del REGISTRY[pass_cls.name]

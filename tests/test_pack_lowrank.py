@@ -9,11 +9,10 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from compiler.driver import compile_model
 from compiler.modeldir import open_model_dir
 from compiler.testing import _training_text, compile_recipe_text
-from fold_helpers import op_types, runtime_outputs
-from passes.base import REGISTRY, CompilerPass
+from fold_helpers import compile_with_pass, op_types, runtime_outputs
+from passes.base import CompilerPass
 
 SVD = '[calibration]\nwindows = 8\nseq_len = 64\n[[pass]]\nname = "svd"\nratio = 0.3\nupdate = false\n'
 PACK = '[[pass]]\nname = "pack_lowrank"\n'
@@ -99,18 +98,9 @@ class _ReadsLinears(CompilerPass):
 def test_passes_after_it_see_the_pairs_exactly(svd_dir, tmp_path, recipe):
     """A pass run after pack_lowrank (with packed_matmul before or after it, or not at all) gets the
     graph and weights it would get from the unpacked model, bit for bit."""
-    from compiler.recipe import CalibrationConfig, PassSpec, Recipe
-
     shared = compile_recipe_text(svd_dir, tmp_path, "shared", recipe)
-    REGISTRY[_ReadsLinears.name] = _ReadsLinears
-    try:
-        recipe = Recipe("reads", None, "", CalibrationConfig(windows=2, seq_len=16),
-                        [PassSpec(_ReadsLinears.name, _ReadsLinears.Params(), {})])
-        via_plain = compile_model(svd_dir, tmp_path / "via_plain", recipe=recipe, progress=False)
-        via_shared = compile_model(shared, tmp_path / "via_shared", recipe=recipe, progress=False)
-    finally:
-        del REGISTRY[_ReadsLinears.name]
-    ga, gb = ir.load(via_plain / "model.onnx").graph, ir.load(via_shared / "model.onnx").graph
+    out = compile_with_pass(_ReadsLinears, {"via_plain": svd_dir, "via_shared": shared}, tmp_path)
+    ga, gb = (ir.load(out[k] / "model.onnx").graph for k in ("via_plain", "via_shared"))
     def nodes(g):  # (node names are not compared: packed_matmul's round trip renames a pair's nodes)
         return sorted((n.op_type, json.dumps(dict(n.metadata_props)), tuple(v.name if v else "" for v in n.inputs[1:])) for n in g)
 

@@ -9,11 +9,10 @@ import numpy as np
 import onnx_ir as ir
 
 from compiler.custom_ops import unpack_float_tiles
-from compiler.driver import compile_model
 from compiler.modeldir import open_model_dir
 from compiler.testing import _training_text, compile_recipe_text
-from fold_helpers import op_types, runtime_outputs
-from passes.base import REGISTRY, CompilerPass
+from fold_helpers import compile_with_pass, op_types, runtime_outputs
+from passes.base import CompilerPass
 
 PACKED = '[[pass]]\nname = "packed_matmul"\n'
 SVD = '[calibration]\nwindows = 8\nseq_len = 64\n[[pass]]\nname = "svd"\nratio = 0.3\nupdate = false\n'
@@ -83,18 +82,10 @@ class _ReadsLinears(CompilerPass):
 def test_passes_after_it_see_plain_matmuls_exactly(tiny_model_dir, tmp_path):
     """A pass that rewrites linears, run after packed_matmul, gets the plain MatMuls back: the same
     graph and the same weights, bit for bit, as when it runs on the unpacked model."""
-    from compiler.recipe import CalibrationConfig, PassSpec, Recipe
-
     plain = compile_recipe_text(tiny_model_dir, tmp_path, "plain", '[[pass]]\nname = "cleanup"\n')
     packed = compile_recipe_text(tiny_model_dir, tmp_path, "packed", PACKED)
-    REGISTRY[_ReadsLinears.name] = _ReadsLinears
-    try:
-        recipe = Recipe("reads", None, "", CalibrationConfig(windows=2, seq_len=16),
-                        [PassSpec(_ReadsLinears.name, _ReadsLinears.Params(), {})])
-        via_plain = compile_model(plain, tmp_path / "via_plain", recipe=recipe, progress=False)
-        via_packed = compile_model(packed, tmp_path / "via_packed", recipe=recipe, progress=False)
-    finally:
-        del REGISTRY[_ReadsLinears.name]
+    out = compile_with_pass(_ReadsLinears, {"via_plain": plain, "via_packed": packed}, tmp_path)
+    via_plain, via_packed = out["via_plain"], out["via_packed"]
     assert "PackedMatMul" not in op_types(via_packed) and sorted(op_types(via_packed)) == sorted(op_types(via_plain))
     a, b = ir.load(via_plain / "model.onnx").graph.initializers, ir.load(via_packed / "model.onnx").graph.initializers
     assert a.keys() == b.keys()
