@@ -34,6 +34,7 @@ could not be placed, and every step that failed, is listed in `unrecognized`; no
 
 from __future__ import annotations
 
+import json
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -180,18 +181,25 @@ def match_linear(node: ir.Node) -> _LinearMatch | None:
     return first
 
 
-def _shared_first_factor_layers(node: ir.Node) -> list[str] | None:
-    """The layer tags of a shared first factor (passes/pack_lowrank.py record), else None."""
-    import json
+# On a first factor low-rank pairs share (passes/pack_lowrank.py): JSON {"layers", "nodes", "weights"
+# [, "second_nodes", "second_weights"]}, one entry per layer in column order: the layers' tags and the
+# names of the nodes and weights the shared ones replaced (for the pass's inverse).
+SHARED_FIRST_FACTOR = "llmfold.shared_first_factor"
 
-    raw = node.metadata_props.get("llmfold.shared_first_factor")
+
+def shared_first_factor(node: ir.Node) -> dict | None:
+    """The record of a shared first factor (SHARED_FIRST_FACTOR), else None."""
+    raw = node.metadata_props.get(SHARED_FIRST_FACTOR)
     if raw is None:
         return None
     try:
-        layers = json.loads(raw).get("layers")
-    except (ValueError, AttributeError):
+        rec = json.loads(raw)
+    except ValueError:
         return None
-    return layers if isinstance(layers, list) and all(isinstance(t, str) for t in layers) else None
+    keys = ("layers", "nodes", "weights") + (("second_nodes", "second_weights") if isinstance(rec, dict) and "second_nodes" in rec else ())
+    if not isinstance(rec, dict) or not all(isinstance(rec.get(k), list) for k in keys):
+        return None
+    return rec if len({len(rec[k]) for k in keys}) == 1 and len(rec["layers"]) >= 2 else None
 
 
 def _shared_seconds(first: _LinearMatch, n: int) -> list[tuple[ir.Node, ir.Value, int, int, str | None]] | None:
@@ -226,7 +234,8 @@ def match_linears(node: ir.Node) -> list[_LinearMatch]:
     block-diagonal PackedMatMul of their second factors with one output per layer, or a Split whose
     pieces feed the second factors, tagged with those layers), else [match_linear(node)] (or [])."""
     first = _single_linear(node)
-    tags = _shared_first_factor_layers(node) if first is not None else None
+    rec = shared_first_factor(node) if first is not None else None
+    tags = rec["layers"] if rec else None
     seconds = _shared_seconds(first, len(tags)) if tags else None
     if seconds is not None and sum(s[2] for s in seconds) == first.N and all(t in (None, tag) for tag, (*_, t) in zip(tags, seconds)):
         out, start = [], 0

@@ -18,7 +18,7 @@ otherwise it calls `ctx.invalidate_stats` and later passes get them re-collected
 transformed graph. `ctx.record(...)` adds what the pass did to llmfold.json.
 
 The fused export packs each block's q/k/v into one MatMul, and recipes end with runtime-layout
-passes (pack_qkv, skip_norm, silu_op, logits_to_keep, pack_lowrank, packed_matmul). A pass sees the plain layout —
+passes (pack_qkv, skip_norm, silu_op, logits_to_keep, packed_matmul, pack_lowrank). A pass sees the plain layout —
 three q/k/v MatMuls, Add + RMSNormalization, lm_head on every position, plain MatMul weights —
 unless it sets `needs_plain_layout = False`: before it runs, `to_plain_layout` splits packed q/k/v
 (exact: the same dot products) and fused residual norms (same math, float rounding) back, turns

@@ -37,15 +37,12 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from compiler.analyze import const_array, is_onnx_op
+from compiler.analyze import SHARED_FIRST_FACTOR, const_array, is_onnx_op, shared_first_factor
 from compiler.custom_ops import DOMAIN, pack_float_groups, pack_float_tiles, unpack_float_groups, unpack_float_tiles
 from passes._weights import add_weight
 from passes.base import CompilerPass, register_pass
 
 LAYER_TAG = "llmfold.layer"  # the SVD pass's tag on both factors of a pair
-# On a shared first factor: JSON {"layers", "nodes", "weights"[, "second_nodes", "second_weights"]},
-# one entry per layer in column order: the names of the nodes and weights it replaced (for the inverse).
-SHARED_TAG = "llmfold.shared_first_factor"
 PACKED = "PackedMatMul"
 
 
@@ -78,21 +75,6 @@ def _why_not(firsts: list[ir.Node]) -> str | None:
         if _float_weight(n) is None:
             return f"{n.name} is not a MatMul or PackedMatMul with a constant float32 weight and no bias"
     return None
-
-
-def shared_first_factor(node: ir.Node) -> dict | None:
-    """The record of a shared first factor written by this pass, else None."""
-    raw = node.metadata_props.get(SHARED_TAG)
-    if raw is None:
-        return None
-    try:
-        rec = json.loads(raw)
-    except ValueError:
-        return None
-    keys = ("layers", "nodes", "weights") + (("second_nodes", "second_weights") if isinstance(rec, dict) and "second_nodes" in rec else ())
-    if not isinstance(rec, dict) or not all(isinstance(rec.get(k), list) for k in keys):
-        return None
-    return rec if len({len(rec[k]) for k in keys}) == 1 and len(rec["layers"]) >= 2 else None
 
 
 def _linear(model: ir.Model, x: ir.Value, W: np.ndarray, packed: bool, name: str, weight: str, meta: dict,
@@ -137,7 +119,7 @@ def pack_first_factors(model: ir.Model, groups: list[tuple[list[ir.Node], list[i
         W1 = np.concatenate([_float_weight(n) for n in firsts], axis=1)
         suffix = f"/{PACKED}" if packed else ""
         shared = _linear(model, firsts[0].inputs[0], W1, packed, f"{base}/MatMul_lowrank_1{suffix}",
-                         f"{weight_base}.lowrank_1" + (".tiles" if packed else ""), {SHARED_TAG: json.dumps(rec)})
+                         f"{weight_base}.lowrank_1" + (".tiles" if packed else ""), {SHARED_FIRST_FACTOR: json.dumps(rec)})
         shared.outputs[0].name = f"{base}/MatMul_lowrank_1/output_0"
         shared.outputs[0].type = firsts[0].outputs[0].type
         if grouped:
